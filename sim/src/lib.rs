@@ -1,0 +1,2 @@
+//! tern-sim: discrete-event fleet simulator running the same scheduler code as the cluster.
+#![forbid(unsafe_code)]

@@ -1,0 +1,66 @@
+//! `tern`: the one binary. Host agent daemon (`tern node`), operator CLI, `tern demo`, `tern sim`.
+//!
+//! Each subcommand lives in its own module under `cmd/`, which owns its clap arguments and its
+//! `run` function; this file only dispatches.
+#![forbid(unsafe_code)]
+
+mod cmd;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "tern", version, about = "Live migration and cluster balancing for KVM hosts")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run, migrate and receive virtual machines on this host's embedded hypervisor.
+    Vm(cmd::vm::VmArgs),
+    /// Write the built-in test guest image (a multiboot v1 ELF) to a file.
+    GuestImage(cmd::guest::GuestImageArgs),
+    /// Run the host agent: a Raft member with its HTTP API.
+    Node(cmd::node::NodeArgs),
+    /// Inspect the cluster.
+    Cluster(cmd::cluster::ClusterArgs),
+    /// Inspect and manage hosts.
+    Host(cmd::cluster::HostArgs),
+    /// Run the DRS scheduler on a cluster snapshot.
+    Drs(cmd::drs::DrsArgs),
+    /// Simulate a fleet under a balancing policy.
+    Sim(cmd::sim::SimArgs),
+}
+
+fn main() -> std::process::ExitCode {
+    init_logging();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Vm(args) => cmd::vm::run(args),
+        Command::GuestImage(args) => cmd::guest::run(args),
+        Command::Node(args) => cmd::node::run(args),
+        Command::Cluster(args) => cmd::cluster::run_cluster(args),
+        Command::Host(args) => cmd::cluster::run_host(args),
+        Command::Drs(args) => cmd::drs::run(args),
+        Command::Sim(args) => cmd::sim::run(args),
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+/// Logs go to stderr so that `--json` output on stdout stays machine-readable.
+/// `RUST_LOG` overrides the default level (warn).
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
