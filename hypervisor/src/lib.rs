@@ -5,6 +5,7 @@
 //! Entry point: [`Vm`]. See docs/hypervisor.md for the API tour.
 pub mod cpu;
 pub mod error;
+pub mod guest_image;
 mod kick;
 pub mod memory;
 pub mod multiboot;
