@@ -77,7 +77,8 @@ qemu_rate=""
 if command -v "$QEMU" >/dev/null; then
     "$QEMU" -enable-kvm -cpu host,-arch-capabilities -m "$MEM" -smp "$CPUS" \
         -kernel "$work/guest.elf" -append "$WORKLOAD" -display none -no-reboot \
-        -serial "file:$work/qemu-serial.log" -monitor "unix:$work/mon.sock,server,nowait" &
+        -serial "file:$work/qemu-serial.log" -monitor "unix:$work/mon.sock,server,nowait" \
+        2>"$work/qemu.err" &
     qemu_pid=$!
     for _ in $(seq 1 600); do
         [[ -S "$work/mon.sock" ]] && read -r _t state vcpus _rest < <(monitor_status "$work/mon.sock") || state=x
