@@ -185,7 +185,7 @@ static void parse_cmdline(void)
             if (parse_u64(v, vn, 1, &wss_bytes) || wss_bytes < 4096)
                 bad_word("command line: bad wss (bytes with K/M/G, at least 4K): ", w, n);
         } else if (streq(w, "rate", eq)) {
-            if (parse_u64(v, vn, 1, &cfg.rate) || cfg.rate > 1000000000ULL)
+            if (parse_u64(v, vn, 0, &cfg.rate) || cfg.rate > 1000000000ULL)
                 bad_word("command line: bad rate (pages/s, 0 = unlimited): ", w, n);
         } else if (streq(w, "duty", eq)) {
             if (parse_u64(v, vn, 0, &cfg.duty) || cfg.duty < 1 || cfg.duty > 100)
