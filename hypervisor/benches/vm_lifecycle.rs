@@ -118,7 +118,7 @@ fn main() {
     let ms = |d: Duration| d.as_secs_f64() * 1000.0;
     println!(
         "save/restore 1 GiB guest, {} MiB touched ({} pages copied):",
-        copied * PAGE_SIZE >> 20,
+        (copied * PAGE_SIZE) >> 20,
         copied
     );
     println!(
