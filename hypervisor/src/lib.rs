@@ -10,6 +10,7 @@ mod kick;
 pub mod memory;
 pub mod multiboot;
 pub mod serial;
+pub mod signals;
 pub mod state;
 pub mod status;
 pub mod vm;
