@@ -280,7 +280,7 @@ fn balance_loop(s: &mut LoadState, cfg: &Config, moves: &mut Vec<Move>) -> Strin
                     let after = s.imbalance_if(c.cpu_ent[v], c.mem_ent[v], Some(src), d);
                     let gain = cur - after;
                     let net = gain - cost;
-                    if gain <= 1e-9 || net <= 0.0 || balance_priority(gain) > cfg.threshold {
+                    if gain <= 1e-9 || net <= 0.0 {
                         continue;
                     }
                     let better = match best {
@@ -314,7 +314,7 @@ fn balance_loop(s: &mut LoadState, cfg: &Config, moves: &mut Vec<Move>) -> Strin
             s,
             v,
             d,
-            balance_priority(gain),
+            balance_priority(gain, cur),
             MoveKind::Balance,
             reason,
             cfg,
