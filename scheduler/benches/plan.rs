@@ -6,7 +6,8 @@ use std::hint::black_box;
 use std::time::Duration;
 use tern_scheduler::{balance, evacuate, example::example, Cluster, Config};
 
-const SIZES: [(usize, usize, usize); 3] = [(64, 8_000, 20), (1_000, 50_000, 10), (10_000, 200_000, 10)];
+const SIZES: [(usize, usize, usize); 3] =
+    [(64, 8_000, 20), (1_000, 50_000, 10), (10_000, 200_000, 10)];
 
 fn plan(c: &mut Criterion) {
     let mut g = c.benchmark_group("drs");
