@@ -483,3 +483,29 @@ fn one_evacuation_cannot_hold_every_cluster_slot() {
     };
     assert_eq!(q.submit(other), Ok(Admission::Started));
 }
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 300, ..ProptestConfig::default() })]
+
+    /// Corrupted snapshot text is rejected or, if still valid, planned on: never a panic.
+    #[test]
+    fn corrupted_snapshots_never_panic(
+        seed in any::<u64>(),
+        edits in prop::collection::vec((any::<usize>(), any::<u8>()), 1..6),
+    ) {
+        let sh = Shape { hosts: 3, vms: 8, seed, messy: true };
+        let mut bytes = serde_json::to_vec(&snapshot(sh)).expect("serialise");
+        for (pos, b) in edits {
+            let i = pos % bytes.len();
+            bytes[i] = b"0123456789-.e,:{}[]\"ax "[b as usize % 23];
+        }
+        let text = String::from_utf8_lossy(&bytes);
+        if let Ok(c) = Cluster::from_json(&text) {
+            let plan = balance(&c, &Config::default()).expect("valid config");
+            prop_assert!(plan.imbalance_after.is_finite() || plan.imbalance_before.is_nan() || !plan.imbalance_before.is_finite());
+            if let Some(h) = c.snapshot().hosts.first() {
+                evacuate(&c, &h.id, &Config::default()).expect("known host");
+            }
+        }
+    }
+}
