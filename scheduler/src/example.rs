@@ -262,7 +262,7 @@ fn rules(rng: &mut Rng, hosts: usize, vms: &[Vm], host_vms: &[Vec<usize>]) -> Ve
     }
     // Databases should run on the newest hosts (some do not yet: preference moves).
     let dbs: Vec<usize> = (0..vms.len())
-        .filter(|&v| !used[v] && vms[v].pool.as_deref() == Some("prod-db") && v % 5 == 0)
+        .filter(|&v| !used[v] && vms[v].pool.as_deref() == Some("prod-db") && v % 25 == 0)
         .collect();
     if !dbs.is_empty() {
         rules.push(Rule::VmHost {
