@@ -11,6 +11,8 @@ use crate::SchedError;
 
 /// Hosts considered per resource at each end of the load order in one greedy step.
 const CANDIDATE_HOSTS: usize = 3;
+/// Bound on mandatory/preference/balance rounds in one pass.
+const MAX_ROUNDS: usize = 16;
 
 /// Plan one balancing pass over `cluster`.
 pub fn balance(cluster: &Cluster, cfg: &Config) -> Result<Plan, SchedError> {
@@ -19,9 +21,23 @@ pub fn balance(cluster: &Cluster, cfg: &Config) -> Result<Plan, SchedError> {
     let before = s.imbalance();
     let mut moves = Vec::new();
     let mut unresolved = Vec::new();
-    mandatory(&mut s, cfg, &mut moves, &mut unresolved);
-    preferences(&mut s, cfg, &mut moves);
-    let stop = balance_loop(&mut s, cfg, &mut moves);
+    let mut per_host = vec![0usize; cluster.snapshot().hosts.len()];
+    // Repeat until a round changes nothing: balancing can free room that lets a stuck
+    // mandatory or preferred move happen, and the plan must be a fixed point (planning again
+    // after applying it proposes nothing).
+    let mut stop;
+    let mut round = 0;
+    loop {
+        let start = moves.len();
+        unresolved.clear();
+        mandatory(&mut s, cfg, &mut moves, &mut unresolved);
+        preferences(&mut s, cfg, &mut moves);
+        stop = balance_loop(&mut s, cfg, &mut moves, &mut per_host);
+        round += 1;
+        if moves.len() == start || moves.len() >= cfg.max_moves || round >= MAX_ROUNDS {
+            break;
+        }
+    }
     Ok(Plan {
         threshold: cfg.threshold,
         target_imbalance: cfg.target_imbalance(),
@@ -235,13 +251,17 @@ fn preferences(s: &mut LoadState, cfg: &Config, moves: &mut Vec<Move>) {
 
 /// Greedy balancing: each step takes the best-scoring legal move among the VMs of the most
 /// loaded hosts towards the least loaded ones, until the target is met or no move pays.
-fn balance_loop(s: &mut LoadState, cfg: &Config, moves: &mut Vec<Move>) -> String {
+fn balance_loop(
+    s: &mut LoadState,
+    cfg: &Config,
+    moves: &mut Vec<Move>,
+    per_host: &mut [usize],
+) -> String {
     let c = s.c;
     let Some(target) = cfg.target_imbalance() else {
         return "threshold 1: mandatory moves only".into();
     };
     let nh = c.snap.hosts.len();
-    let mut per_host = vec![0usize; nh];
     let mut hosts: Vec<usize> = (0..nh).filter(|&h| s.usable(h)).collect();
     loop {
         let cur = s.imbalance();
@@ -280,7 +300,7 @@ fn balance_loop(s: &mut LoadState, cfg: &Config, moves: &mut Vec<Move>) -> Strin
                     let after = s.imbalance_if(c.cpu_ent[v], c.mem_ent[v], Some(src), d);
                     let gain = cur - after;
                     let net = gain - cost;
-                    if gain <= 1e-9 || net <= 0.0 || balance_priority(gain) > cfg.threshold {
+                    if gain <= 1e-9 || net <= 0.0 {
                         continue;
                     }
                     let better = match best {
@@ -314,7 +334,7 @@ fn balance_loop(s: &mut LoadState, cfg: &Config, moves: &mut Vec<Move>) -> Strin
             s,
             v,
             d,
-            balance_priority(gain),
+            balance_priority(gain, cur),
             MoveKind::Balance,
             reason,
             cfg,

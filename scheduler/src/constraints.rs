@@ -86,7 +86,8 @@ pub(crate) fn violations(s: &LoadState, v: usize, to: usize, with: &[usize]) -> 
             RuleIx::VmHost { .. } => {}
             RuleIx::Separate(vms) => {
                 for &o in vms {
-                    if o != v && !with.contains(&o) && s.vm_host[o] == to {
+                    // A member moving along to the same host clashes as much as one already there.
+                    if o != v && (with.contains(&o) || s.vm_host[o] == to) {
                         why.push(format!(
                             "rule {id}: must be apart from vm {}",
                             c.snap.vms[o].id

@@ -87,7 +87,9 @@ pub(crate) fn evacuate_into(
             Ok(to) => {
                 for &m in &group {
                     let reason = match kind {
-                        MoveKind::Maintenance => format!("host {host_id} is entering maintenance"),
+                        MoveKind::Maintenance => {
+                            format!("evacuating host {host_id} for maintenance")
+                        }
                         _ => format!("host {host_id} is over capacity"),
                     };
                     moves.push(make_move(s, m, to, 1, kind, reason, cfg));

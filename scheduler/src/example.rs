@@ -36,6 +36,9 @@ fn feats(list: &[&str]) -> BTreeSet<String> {
 
 /// Generate a snapshot with `hosts` hosts and `vms` VMs.
 pub fn example(hosts: usize, vms: usize, seed: u64) -> Snapshot {
+    if hosts == 0 {
+        return Snapshot::default();
+    }
     let mut rng = Rng::new(seed);
     let gens: [(f64, f64, BTreeSet<String>); 3] = [
         (76_800.0, 524_288.0, feats(&["sse4_2", "avx", "avx2"])),
@@ -90,6 +93,13 @@ pub fn example(hosts: usize, vms: usize, seed: u64) -> Snapshot {
         })
         .collect();
     let total_w: f64 = weights.iter().sum();
+    let cumulative: Vec<f64> = weights
+        .iter()
+        .scan(0.0, |acc, w| {
+            *acc += w;
+            Some(*acc)
+        })
+        .collect();
     let mut mem_used = vec![0.0; hosts];
     let sizes = [
         (1u32, 2048.0),
@@ -111,12 +121,8 @@ pub fn example(hosts: usize, vms: usize, seed: u64) -> Snapshot {
         }
         let (vcpus, mem) = sizes[k];
         let active = mem * rng.range(0.25, 0.7);
-        let mut r = rng.unit() * total_w;
-        let mut h = 0;
-        while h + 1 < hosts && r >= weights[h] {
-            r -= weights[h];
-            h += 1;
-        }
+        let r = rng.unit() * total_w;
+        let mut h = cumulative.partition_point(|&c| c <= r).min(hosts - 1);
         // Full host: take the next one with room (the cluster is not overcommitted at start).
         let mut tries = 0;
         while tries < hosts && (weights[h] == 0.0 || mem_used[h] + active > hs[h].memory_mib * 0.95)
@@ -256,7 +262,7 @@ fn rules(rng: &mut Rng, hosts: usize, vms: &[Vm], host_vms: &[Vec<usize>]) -> Ve
     }
     // Databases should run on the newest hosts (some do not yet: preference moves).
     let dbs: Vec<usize> = (0..vms.len())
-        .filter(|&v| !used[v] && vms[v].pool.as_deref() == Some("prod-db") && v % 5 == 0)
+        .filter(|&v| !used[v] && vms[v].pool.as_deref() == Some("prod-db") && v % 25 == 0)
         .collect();
     if !dbs.is_empty() {
         rules.push(Rule::VmHost {

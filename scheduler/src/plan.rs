@@ -83,7 +83,7 @@ impl Default for Config {
             cooldown_s: 900.0,
             bandwidth_mib_s: 1000.0,
             interval_s: 300.0,
-            cost_weight: 0.05,
+            cost_weight: 0.01,
         }
     }
 }
@@ -139,13 +139,18 @@ impl Config {
     }
 }
 
-/// Priority of a balancing move from the imbalance it removes.
-pub fn balance_priority(gain: f64) -> u8 {
-    if gain >= 0.05 {
+/// Priority (2..5) of a balancing move from the share of the current imbalance it removes.
+pub fn balance_priority(gain: f64, imbalance: f64) -> u8 {
+    let share = if imbalance > 0.0 {
+        gain / imbalance
+    } else {
+        0.0
+    };
+    if share >= 0.10 {
         2
-    } else if gain >= 0.02 {
+    } else if share >= 0.03 {
         3
-    } else if gain >= 0.005 {
+    } else if share >= 0.01 {
         4
     } else {
         5
