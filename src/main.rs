@@ -5,11 +5,16 @@
 #![forbid(unsafe_code)]
 
 mod cmd;
+mod node;
 
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "tern", version, about = "Live migration and cluster balancing for KVM hosts")]
+#[command(
+    name = "tern",
+    version,
+    about = "Live migration and cluster balancing for KVM hosts"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

@@ -3,11 +3,13 @@
 //! `Result<response, RaftError>`. Connections are kept alive by the shared client.
 use std::time::Duration;
 
-use openraft::error::{InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable};
+use openraft::error::{
+    InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable,
+};
 use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
 use openraft::raft::{
-    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse, VoteRequest,
-    VoteResponse,
+    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
+    VoteRequest, VoteResponse,
 };
 use openraft::BasicNode;
 use serde::de::DeserializeOwned;
@@ -45,7 +47,11 @@ impl RaftNetworkFactory<TypeConfig> for HttpNetworkFactory {
     type Network = HttpNetwork;
 
     async fn new_client(&mut self, target: NodeId, node: &BasicNode) -> HttpNetwork {
-        HttpNetwork { client: self.client.clone(), target, base: format!("http://{}", node.addr) }
+        HttpNetwork {
+            client: self.client.clone(),
+            target,
+            base: format!("http://{}", node.addr),
+        }
     }
 }
 
@@ -61,7 +67,13 @@ impl HttpNetwork {
         Resp: DeserializeOwned,
         E: std::error::Error + DeserializeOwned,
     {
-        let sent = self.client.post(format!("{}{}", self.base, path)).timeout(option.hard_ttl()).json(req).send().await;
+        let sent = self
+            .client
+            .post(format!("{}{}", self.base, path))
+            .timeout(option.hard_ttl())
+            .json(req)
+            .send()
+            .await;
         let response = match sent {
             Ok(r) => r,
             // Not reachable at all: openraft backs off instead of retrying at once.
@@ -69,9 +81,15 @@ impl HttpNetwork {
             Err(e) => return Err(RPCError::Network(NetworkError::new(&e))),
         };
         let status = response.status();
-        let body = response.bytes().await.map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+        let body = response
+            .bytes()
+            .await
+            .map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
         if !status.is_success() {
-            let err = std::io::Error::other(format!("{path}: HTTP {status}: {}", String::from_utf8_lossy(&body)));
+            let err = std::io::Error::other(format!(
+                "{path}: HTTP {status}: {}",
+                String::from_utf8_lossy(&body)
+            ));
             return Err(RPCError::Network(NetworkError::new(&err)));
         }
         let decoded: Result<Resp, RaftError<NodeId, E>> =

@@ -67,7 +67,12 @@ pub struct ConsensusNode {
 }
 
 impl ConsensusNode {
-    pub async fn open(id: NodeId, addr: String, data_dir: &Path, opts: &RaftOptions) -> Result<Self, ConsensusError> {
+    pub async fn open(
+        id: NodeId,
+        addr: String,
+        data_dir: &Path,
+        opts: &RaftOptions,
+    ) -> Result<Self, ConsensusError> {
         let config = Config {
             cluster_name: "tern".to_string(),
             heartbeat_interval: opts.heartbeat_ms,
@@ -82,8 +87,20 @@ impl ConsensusNode {
         let db = open_db(&data_dir.join("raft.sled"))?;
         let log = LogStore::open(&db, opts.durable)?;
         let machine = StateMachineStore::open(&db)?;
-        let raft = Raft::new(id, Arc::new(config), HttpNetworkFactory::new()?, log, machine.clone()).await?;
-        Ok(ConsensusNode { id, addr, raft, machine })
+        let raft = Raft::new(
+            id,
+            Arc::new(config),
+            HttpNetworkFactory::new()?,
+            log,
+            machine.clone(),
+        )
+        .await?;
+        Ok(ConsensusNode {
+            id,
+            addr,
+            raft,
+            machine,
+        })
     }
 
     /// Make this node a one-member cluster, unless it already has state.
@@ -92,7 +109,12 @@ impl ConsensusNode {
             return Ok(());
         }
         let mut members = BTreeMap::new();
-        members.insert(self.id, BasicNode { addr: self.addr.clone() });
+        members.insert(
+            self.id,
+            BasicNode {
+                addr: self.addr.clone(),
+            },
+        );
         match self.raft.initialize(members).await {
             Ok(()) => Ok(()),
             Err(RaftError::APIError(e)) => {

@@ -111,7 +111,10 @@ pub enum TaskState {
 
 impl TaskState {
     fn is_final(self) -> bool {
-        matches!(self, TaskState::Succeeded | TaskState::Failed | TaskState::Cancelled)
+        matches!(
+            self,
+            TaskState::Succeeded | TaskState::Failed | TaskState::Cancelled
+        )
     }
 }
 
@@ -168,7 +171,11 @@ pub struct DrsSettings {
 
 impl Default for DrsSettings {
     fn default() -> Self {
-        DrsSettings { automation: AutomationLevel::Manual, migration_threshold: 3, interval_s: 300 }
+        DrsSettings {
+            automation: AutomationLevel::Manual,
+            migration_threshold: 3,
+            interval_s: 300,
+        }
     }
 }
 
@@ -221,20 +228,57 @@ pub struct Request {
 #[serde(tag = "op", rename_all = "snake_case")]
 pub enum Command {
     /// Register or update a host (re-registration keeps its state).
-    RegisterHost { id: HostId, address: String, capacity: Capacity, cpu_features: Vec<String> },
-    SetHostState { id: HostId, state: HostState },
+    RegisterHost {
+        id: HostId,
+        address: String,
+        capacity: Capacity,
+        cpu_features: Vec<String>,
+    },
+    SetHostState {
+        id: HostId,
+        state: HostState,
+    },
     /// Remove a host; rejected while it owns VMs.
-    RemoveHost { id: HostId },
-    CreateVm { spec: VmSpec, pool: Option<String>, owner: HostId },
-    SetVmState { vm: String, state: VmState },
-    DeleteVm { vm: String },
+    RemoveHost {
+        id: HostId,
+    },
+    CreateVm {
+        spec: VmSpec,
+        pool: Option<String>,
+        owner: HostId,
+    },
+    SetVmState {
+        vm: String,
+        state: VmState,
+    },
+    DeleteVm {
+        vm: String,
+    },
     /// Compare-and-set ownership: applies only if `expected_owner`/`expected_epoch` match.
-    TransferOwnership { vm: String, expected_owner: HostId, expected_epoch: u64, to: HostId },
-    PutPool { pool: ResourcePool },
-    DeletePool { name: String },
-    PutRule { rule: Rule },
-    DeleteRule { name: String },
-    CreateTask { vm: String, to: HostId, priority: u8, reason: String },
+    TransferOwnership {
+        vm: String,
+        expected_owner: HostId,
+        expected_epoch: u64,
+        to: HostId,
+    },
+    PutPool {
+        pool: ResourcePool,
+    },
+    DeletePool {
+        name: String,
+    },
+    PutRule {
+        rule: Rule,
+    },
+    DeleteRule {
+        name: String,
+    },
+    CreateTask {
+        vm: String,
+        to: HostId,
+        priority: u8,
+        reason: String,
+    },
     UpdateTask {
         id: TaskId,
         state: TaskState,
@@ -243,12 +287,24 @@ pub enum Command {
         #[serde(default)]
         error: Option<String>,
     },
-    PutSchedule { schedule: Schedule },
-    DeleteSchedule { name: String },
-    SetDrs { settings: DrsSettings },
-    PutUser { user: User },
-    DeleteUser { name: String },
-    PutRole { role: Role },
+    PutSchedule {
+        schedule: Schedule,
+    },
+    DeleteSchedule {
+        name: String,
+    },
+    SetDrs {
+        settings: DrsSettings,
+    },
+    PutUser {
+        user: User,
+    },
+    DeleteUser {
+        name: String,
+    },
+    PutRole {
+        role: Role,
+    },
     /// Does nothing; used to measure commit latency and to check the leader can commit.
     Noop,
 }
@@ -258,8 +314,14 @@ pub enum Command {
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum Applied {
     Done,
-    TaskCreated { id: TaskId },
-    OwnershipTransferred { vm: String, owner: HostId, epoch: u64 },
+    TaskCreated {
+        id: TaskId,
+    },
+    OwnershipTransferred {
+        vm: String,
+        owner: HostId,
+        epoch: u64,
+    },
 }
 
 /// Why a command was rejected. Rejection changes nothing.
@@ -289,7 +351,13 @@ pub enum CommandError {
     #[error("host {id} is {state:?} and accepts no new vms")]
     HostUnavailable { id: HostId, state: HostState },
     #[error("ownership of {vm:?} is host {owner} epoch {epoch}, not host {expected_owner} epoch {expected_epoch}")]
-    OwnershipConflict { vm: String, owner: HostId, epoch: u64, expected_owner: HostId, expected_epoch: u64 },
+    OwnershipConflict {
+        vm: String,
+        owner: HostId,
+        epoch: u64,
+        expected_owner: HostId,
+        expected_epoch: u64,
+    },
     #[error("task {id} is already {state:?}")]
     TaskFinal { id: TaskId, state: TaskState },
     #[error("invalid: {reason}")]
@@ -297,7 +365,9 @@ pub enum CommandError {
 }
 
 fn invalid(reason: impl Into<String>) -> CommandError {
-    CommandError::Invalid { reason: reason.into() }
+    CommandError::Invalid {
+        reason: reason.into(),
+    }
 }
 
 impl ClusterState {
@@ -333,13 +403,20 @@ impl ClusterState {
     }
 
     fn vm(&self, name: &str) -> Result<&Vm, CommandError> {
-        self.vms.get(name).ok_or_else(|| CommandError::UnknownVm { name: name.to_string() })
+        self.vms.get(name).ok_or_else(|| CommandError::UnknownVm {
+            name: name.to_string(),
+        })
     }
 
     // Each arm validates fully before its first mutation, so an error leaves state untouched.
     fn apply_command(&mut self, req: &Request) -> Result<Applied, CommandError> {
         match &req.command {
-            Command::RegisterHost { id, address, capacity, cpu_features } => {
+            Command::RegisterHost {
+                id,
+                address,
+                capacity,
+                cpu_features,
+            } => {
                 if address.is_empty() {
                     return Err(invalid("host address is empty"));
                 }
@@ -373,10 +450,14 @@ impl ClusterState {
             }
             Command::CreateVm { spec, pool, owner } => {
                 if spec.name.is_empty() || spec.vcpus == 0 || spec.memory_mib == 0 {
-                    return Err(invalid("vm needs a name, at least one vcpu and some memory"));
+                    return Err(invalid(
+                        "vm needs a name, at least one vcpu and some memory",
+                    ));
                 }
                 if self.vms.contains_key(&spec.name) {
-                    return Err(CommandError::VmExists { name: spec.name.clone() });
+                    return Err(CommandError::VmExists {
+                        name: spec.name.clone(),
+                    });
                 }
                 if let Some(p) = pool {
                     if !self.pools.contains_key(p) {
@@ -386,7 +467,13 @@ impl ClusterState {
                 self.placeable_host(*owner)?;
                 self.vms.insert(
                     spec.name.clone(),
-                    Vm { spec: spec.clone(), pool: pool.clone(), owner: *owner, epoch: 0, state: VmState::Stopped },
+                    Vm {
+                        spec: spec.clone(),
+                        pool: pool.clone(),
+                        owner: *owner,
+                        epoch: 0,
+                        state: VmState::Stopped,
+                    },
                 );
             }
             Command::SetVmState { vm, state } => {
@@ -399,7 +486,12 @@ impl ClusterState {
                 self.vm(vm)?;
                 self.vms.remove(vm);
             }
-            Command::TransferOwnership { vm, expected_owner, expected_epoch, to } => {
+            Command::TransferOwnership {
+                vm,
+                expected_owner,
+                expected_epoch,
+                to,
+            } => {
                 let current = self.vm(vm)?;
                 if current.owner != *expected_owner || current.epoch != *expected_epoch {
                     return Err(CommandError::OwnershipConflict {
@@ -419,14 +511,22 @@ impl ClusterState {
                     v.owner = *to;
                     v.epoch = epoch;
                 }
-                return Ok(Applied::OwnershipTransferred { vm: vm.clone(), owner: *to, epoch });
+                return Ok(Applied::OwnershipTransferred {
+                    vm: vm.clone(),
+                    owner: *to,
+                    epoch,
+                });
             }
             Command::PutPool { pool } => {
                 if pool.name.is_empty() || pool.shares == 0 {
                     return Err(invalid("pool needs a name and non-zero shares"));
                 }
-                if pool.cpu_limit_mhz.is_some_and(|l| l < pool.cpu_reservation_mhz)
-                    || pool.memory_limit_mib.is_some_and(|l| l < pool.memory_reservation_mib)
+                if pool
+                    .cpu_limit_mhz
+                    .is_some_and(|l| l < pool.cpu_reservation_mhz)
+                    || pool
+                        .memory_limit_mib
+                        .is_some_and(|l| l < pool.memory_reservation_mib)
                 {
                     return Err(invalid("pool limit below its reservation"));
                 }
@@ -436,7 +536,11 @@ impl ClusterState {
                 if !self.pools.contains_key(name) {
                     return Err(CommandError::UnknownPool { name: name.clone() });
                 }
-                if self.vms.values().any(|vm| vm.pool.as_deref() == Some(name.as_str())) {
+                if self
+                    .vms
+                    .values()
+                    .any(|vm| vm.pool.as_deref() == Some(name.as_str()))
+                {
                     return Err(invalid(format!("pool {name:?} still holds vms")));
                 }
                 self.pools.remove(name);
@@ -445,7 +549,10 @@ impl ClusterState {
                 if rule.name.is_empty() || rule.vms.is_empty() {
                     return Err(invalid("rule needs a name and at least one vm"));
                 }
-                let host_rule = matches!(rule.kind, RuleKind::VmHostAffinity | RuleKind::VmHostAntiAffinity);
+                let host_rule = matches!(
+                    rule.kind,
+                    RuleKind::VmHostAffinity | RuleKind::VmHostAntiAffinity
+                );
                 if host_rule == rule.hosts.is_empty() {
                     return Err(invalid("vm-host rules name hosts, vm-vm rules do not"));
                 }
@@ -462,7 +569,12 @@ impl ClusterState {
                     return Err(CommandError::UnknownRule { name: name.clone() });
                 }
             }
-            Command::CreateTask { vm, to, priority, reason } => {
+            Command::CreateTask {
+                vm,
+                to,
+                priority,
+                reason,
+            } => {
                 let from = self.vm(vm)?.owner;
                 if from == *to {
                     return Err(invalid(format!("vm {vm:?} already runs on host {to}")));
@@ -490,10 +602,21 @@ impl ClusterState {
                 );
                 return Ok(Applied::TaskCreated { id });
             }
-            Command::UpdateTask { id, state, stats, error } => {
-                let task = self.tasks.get_mut(id).ok_or(CommandError::UnknownTask { id: *id })?;
+            Command::UpdateTask {
+                id,
+                state,
+                stats,
+                error,
+            } => {
+                let task = self
+                    .tasks
+                    .get_mut(id)
+                    .ok_or(CommandError::UnknownTask { id: *id })?;
                 if task.state.is_final() {
-                    return Err(CommandError::TaskFinal { id: *id, state: task.state });
+                    return Err(CommandError::TaskFinal {
+                        id: *id,
+                        state: task.state,
+                    });
                 }
                 if *state == TaskState::Queued {
                     return Err(invalid("a task cannot go back to queued"));
@@ -516,7 +639,8 @@ impl ClusterState {
                 if schedule.name.is_empty() || schedule.cron.is_empty() {
                     return Err(invalid("schedule needs a name and a cron expression"));
                 }
-                self.schedules.insert(schedule.name.clone(), schedule.clone());
+                self.schedules
+                    .insert(schedule.name.clone(), schedule.clone());
             }
             Command::DeleteSchedule { name } => {
                 if self.schedules.remove(name).is_none() {
@@ -525,7 +649,9 @@ impl ClusterState {
             }
             Command::SetDrs { settings } => {
                 if !(1..=5).contains(&settings.migration_threshold) || settings.interval_s == 0 {
-                    return Err(invalid("migration threshold must be 1..=5 and interval non-zero"));
+                    return Err(invalid(
+                        "migration threshold must be 1..=5 and interval non-zero",
+                    ));
                 }
                 self.drs = settings.clone();
             }
@@ -564,14 +690,24 @@ fn describe(cmd: &Command) -> String {
         Command::CreateVm { spec, owner, .. } => format!("create vm {} on host {owner}", spec.name),
         Command::SetVmState { vm, state } => format!("set vm {vm} state {state:?}"),
         Command::DeleteVm { vm } => format!("delete vm {vm}"),
-        Command::TransferOwnership { vm, expected_owner, expected_epoch, to } => {
-            format!("transfer vm {vm} from host {expected_owner} to host {to} (epoch {})", expected_epoch + 1)
+        Command::TransferOwnership {
+            vm,
+            expected_owner,
+            expected_epoch,
+            to,
+        } => {
+            format!(
+                "transfer vm {vm} from host {expected_owner} to host {to} (epoch {})",
+                expected_epoch + 1
+            )
         }
         Command::PutPool { pool } => format!("put pool {}", pool.name),
         Command::DeletePool { name } => format!("delete pool {name}"),
         Command::PutRule { rule } => format!("put rule {}", rule.name),
         Command::DeleteRule { name } => format!("delete rule {name}"),
-        Command::CreateTask { vm, to, reason, .. } => format!("create migration task vm {vm} to host {to} ({reason})"),
+        Command::CreateTask { vm, to, reason, .. } => {
+            format!("create migration task vm {vm} to host {to} ({reason})")
+        }
         Command::UpdateTask { id, state, .. } => format!("task {id} {state:?}"),
         Command::PutSchedule { schedule } => format!("put schedule {}", schedule.name),
         Command::DeleteSchedule { name } => format!("delete schedule {name}"),

@@ -24,10 +24,18 @@ pub struct LogStore {
 
 impl LogStore {
     pub fn open(db: &sled::Db, durable: bool) -> Result<Self, sled::Error> {
-        Ok(LogStore { db: db.clone(), log: db.open_tree("raft_log")?, meta: db.open_tree("raft_meta")?, durable })
+        Ok(LogStore {
+            db: db.clone(),
+            log: db.open_tree("raft_log")?,
+            meta: db.open_tree("raft_meta")?,
+            durable,
+        })
     }
 
-    fn get_meta<T: serde::de::DeserializeOwned>(&self, key: &[u8]) -> Result<Option<T>, StorageError> {
+    fn get_meta<T: serde::de::DeserializeOwned>(
+        &self,
+        key: &[u8],
+    ) -> Result<Option<T>, StorageError> {
         match self.meta.get(key).map_err(read_err)? {
             Some(bytes) => Ok(Some(serde_json::from_slice(&bytes).map_err(read_err)?)),
             None => Ok(None),
@@ -90,7 +98,10 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             Some((_, v)) => Some(Self::decode(&v)?.log_id),
             None => last_purged_log_id,
         };
-        Ok(LogState { last_purged_log_id, last_log_id: last })
+        Ok(LogState {
+            last_purged_log_id,
+            last_log_id: last,
+        })
     }
 
     async fn get_log_reader(&mut self) -> Self::LogReader {
@@ -114,7 +125,11 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         Ok(self.get_meta::<Option<LogId>>(COMMITTED)?.flatten())
     }
 
-    async fn append<I>(&mut self, entries: I, callback: LogFlushed<TypeConfig>) -> Result<(), StorageError>
+    async fn append<I>(
+        &mut self,
+        entries: I,
+        callback: LogFlushed<TypeConfig>,
+    ) -> Result<(), StorageError>
     where
         I: IntoIterator<Item = Entry<TypeConfig>> + Send,
         I::IntoIter: Send,

@@ -63,9 +63,18 @@ impl StateMachineStore {
                 data = snap;
             }
         }
-        let (view, _) = watch::channel(StateView { last_applied: data.last_applied, state: data.state.clone() });
+        let (view, _) = watch::channel(StateView {
+            last_applied: data.last_applied,
+            state: data.state.clone(),
+        });
         let (events, _) = broadcast::channel(1024);
-        Ok(StateMachineStore { db: db.clone(), tree, data: Arc::new(Mutex::new(data)), view, events })
+        Ok(StateMachineStore {
+            db: db.clone(),
+            tree,
+            data: Arc::new(Mutex::new(data)),
+            view,
+            events,
+        })
     }
 
     /// The latest applied state (not linearizable by itself: see `ConsensusNode::read`).
@@ -90,7 +99,10 @@ impl StateMachineStore {
     }
 
     fn publish(&self, data: &MachineData) {
-        self.view.send_replace(StateView { last_applied: data.last_applied, state: data.state.clone() });
+        self.view.send_replace(StateView {
+            last_applied: data.last_applied,
+            state: data.state.clone(),
+        });
     }
 }
 
@@ -99,14 +111,28 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
         let data = self.data.lock().await.clone();
         let bytes = serde_json::to_vec(&data).map_err(write_err)?;
         let snapshot_id = match data.last_applied {
-            Some(id) => format!("{}-{}-{}", id.leader_id.term, id.leader_id.node_id, id.index),
+            Some(id) => format!(
+                "{}-{}-{}",
+                id.leader_id.term, id.leader_id.node_id, id.index
+            ),
             None => "empty".to_string(),
         };
-        let meta = SnapshotMeta { last_log_id: data.last_applied, last_membership: data.membership, snapshot_id };
-        self.tree.insert(SNAPSHOT_META, serde_json::to_vec(&meta).map_err(write_err)?).map_err(write_err)?;
-        self.tree.insert(SNAPSHOT_DATA, bytes.clone()).map_err(write_err)?;
+        let meta = SnapshotMeta {
+            last_log_id: data.last_applied,
+            last_membership: data.membership,
+            snapshot_id,
+        };
+        self.tree
+            .insert(SNAPSHOT_META, serde_json::to_vec(&meta).map_err(write_err)?)
+            .map_err(write_err)?;
+        self.tree
+            .insert(SNAPSHOT_DATA, bytes.clone())
+            .map_err(write_err)?;
         self.db.flush_async().await.map_err(write_err)?;
-        Ok(Snapshot { meta, snapshot: Box::new(Cursor::new(bytes)) })
+        Ok(Snapshot {
+            meta,
+            snapshot: Box::new(Cursor::new(bytes)),
+        })
     }
 }
 
@@ -131,15 +157,25 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         for entry in entries {
             data.last_applied = Some(entry.log_id);
             match entry.payload {
-                EntryPayload::Blank => responses.push(Response { result: Ok(crate::Applied::Done) }),
+                EntryPayload::Blank => responses.push(Response {
+                    result: Ok(crate::Applied::Done),
+                }),
                 EntryPayload::Membership(m) => {
                     data.membership = StoredMembership::new(Some(entry.log_id), m);
-                    responses.push(Response { result: Ok(crate::Applied::Done) });
+                    responses.push(Response {
+                        result: Ok(crate::Applied::Done),
+                    });
                 }
                 EntryPayload::Normal(request) => {
                     let state = Arc::make_mut(&mut data.state);
-                    let response = Response { result: state.apply(entry.log_id.index, &request) };
-                    events.push(AppliedEvent { index: entry.log_id.index, request, response: response.clone() });
+                    let response = Response {
+                        result: state.apply(entry.log_id.index, &request),
+                    };
+                    events.push(AppliedEvent {
+                        index: entry.log_id.index,
+                        request,
+                        response: response.clone(),
+                    });
                     responses.push(response);
                 }
             }
@@ -170,7 +206,9 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         let mut incoming: MachineData = serde_json::from_slice(&bytes).map_err(read_err)?;
         incoming.last_applied = meta.last_log_id;
         incoming.membership = meta.last_membership.clone();
-        self.tree.insert(SNAPSHOT_META, serde_json::to_vec(meta).map_err(write_err)?).map_err(write_err)?;
+        self.tree
+            .insert(SNAPSHOT_META, serde_json::to_vec(meta).map_err(write_err)?)
+            .map_err(write_err)?;
         self.tree.insert(SNAPSHOT_DATA, bytes).map_err(write_err)?;
         self.persist(&incoming)?;
         self.db.flush_async().await.map_err(write_err)?;
@@ -187,7 +225,11 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         let Some(bytes) = self.tree.get(SNAPSHOT_DATA).map_err(read_err)? else {
             return Ok(None);
         };
-        let meta: SnapshotMeta<NodeId, BasicNode> = serde_json::from_slice(&meta_bytes).map_err(read_err)?;
-        Ok(Some(Snapshot { meta, snapshot: Box::new(Cursor::new(bytes.to_vec())) }))
+        let meta: SnapshotMeta<NodeId, BasicNode> =
+            serde_json::from_slice(&meta_bytes).map_err(read_err)?;
+        Ok(Some(Snapshot {
+            meta,
+            snapshot: Box::new(Cursor::new(bytes.to_vec())),
+        }))
     }
 }

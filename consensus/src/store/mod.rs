@@ -12,7 +12,10 @@ use crate::StorageError;
 
 /// Opens (or creates) the node's sled database.
 pub fn open_db(dir: &std::path::Path) -> Result<sled::Db, sled::Error> {
-    sled::Config::new().path(dir).mode(sled::Mode::HighThroughput).open()
+    sled::Config::new()
+        .path(dir)
+        .mode(sled::Mode::HighThroughput)
+        .open()
 }
 
 fn read_err(e: impl std::error::Error + 'static) -> StorageError {
