@@ -1,6 +1,8 @@
 //! tern-consensus: openraft with sled storage, the Raft network, and the replicated
 //! `ClusterState` with its commands.
 #![forbid(unsafe_code)]
+// openraft's StorageError is large and fixed by its traits; boxing it would not help callers.
+#![allow(clippy::result_large_err)]
 
 pub mod network;
 pub mod raft_node;
