@@ -323,3 +323,45 @@ fn cluster_bad_api_bodies_get_clear_errors() {
     // The node is still healthy and commits.
     write(addr, schedule("still-alive")).unwrap();
 }
+
+fn signal(node: &Node, sig: &str) {
+    let pid = node.child.as_ref().expect("running").id().to_string();
+    let ok = Command::new("kill")
+        .args([sig, &pid])
+        .status()
+        .expect("kill")
+        .success();
+    assert!(ok, "kill {sig} {pid}");
+}
+
+#[test]
+fn cluster_minority_cannot_commit_and_majority_keeps_committing() {
+    let mut c = Cluster::start(3, &[]);
+    let leader = wait_for("leader", Duration::from_secs(5), || c.leader());
+    // Freeze both followers (SIGSTOP): the leader is now a minority of one.
+    let followers: Vec<u64> = (1..=3).filter(|&id| id != leader).collect();
+    for &f in &followers {
+        signal(c.node(f), "-STOP");
+    }
+    let lone = c.node(leader).addr.clone();
+    assert!(
+        write(&lone, schedule("minority")).is_err(),
+        "a minority must not commit"
+    );
+    // Thaw the followers and freeze the old leader: the majority elects and commits.
+    for &f in &followers {
+        signal(c.node(f), "-CONT");
+    }
+    signal(c.node(leader), "-STOP");
+    let majority = c.node(followers[0]).addr.clone();
+    wait_for("majority commit", Duration::from_secs(5), || {
+        write(&majority, schedule("majority")).ok()
+    });
+    signal(c.node(leader), "-CONT");
+    let have = c.schedules(&majority);
+    assert!(have.contains(&"majority".to_string()));
+    assert!(
+        !have.contains(&"minority".to_string()),
+        "the minority write must never commit"
+    );
+}
