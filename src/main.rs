@@ -5,6 +5,7 @@
 #![forbid(unsafe_code)]
 
 mod cmd;
+mod node;
 
 use clap::{Parser, Subcommand};
 

@@ -1,16 +1,168 @@
-//! Placeholder: replaced by the issue that builds this command.
-use clap::Args;
+//! `tern cluster ...` and `tern host ...`: operator commands against a node's HTTP API.
+use anyhow::Context;
+use clap::{Args, Subcommand};
+use serde::de::DeserializeOwned;
+use serde::Deserialize;
+use tern_consensus::state::Host;
 
+/// Where the CLI sends requests: any node of the cluster.
 #[derive(Args)]
-pub struct ClusterArgs {}
-
-#[derive(Args)]
-pub struct HostArgs {}
-
-pub fn run_cluster(_args: ClusterArgs) -> anyhow::Result<()> {
-    anyhow::bail!("not built yet")
+pub struct ServerArg {
+    /// A node's API address (host:port).
+    #[arg(
+        long,
+        global = true,
+        env = "TERN_SERVER",
+        default_value = "127.0.0.1:7400"
+    )]
+    server: String,
 }
 
-pub fn run_host(_args: HostArgs) -> anyhow::Result<()> {
-    anyhow::bail!("not built yet")
+#[derive(Args)]
+pub struct ClusterArgs {
+    #[command(flatten)]
+    server: ServerArg,
+    #[command(subcommand)]
+    command: ClusterCommand,
+}
+
+#[derive(Subcommand)]
+enum ClusterCommand {
+    /// Leader, term, members and apply position as seen by the node.
+    Status {
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Args)]
+pub struct HostArgs {
+    #[command(flatten)]
+    server: ServerArg,
+    #[command(subcommand)]
+    command: HostCommand,
+}
+
+#[derive(Subcommand)]
+enum HostCommand {
+    /// List hosts in the committed cluster state.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove a host from the cluster state and from Raft (refused while it owns VMs).
+    Remove { id: u64 },
+}
+
+#[derive(Deserialize)]
+struct Member {
+    id: u64,
+    addr: String,
+    voter: bool,
+}
+
+#[derive(Deserialize)]
+struct Status {
+    id: u64,
+    state: String,
+    leader: Option<u64>,
+    term: u64,
+    last_log_index: Option<u64>,
+    last_applied: Option<u64>,
+    members: Vec<Member>,
+}
+
+fn client() -> anyhow::Result<reqwest::blocking::Client> {
+    Ok(reqwest::blocking::Client::builder()
+        .timeout(std::time::Duration::from_secs(15))
+        .build()?)
+}
+
+fn decode<T: DeserializeOwned>(resp: reqwest::blocking::Response) -> anyhow::Result<(T, String)> {
+    let status = resp.status();
+    let text = resp.text().context("reading reply")?;
+    if !status.is_success() {
+        let msg = serde_json::from_str::<serde_json::Value>(&text)
+            .ok()
+            .and_then(|v| v.get("error").and_then(|e| e.as_str()).map(str::to_string))
+            .unwrap_or(text);
+        anyhow::bail!("{status}: {msg}");
+    }
+    let value = serde_json::from_str(&text).with_context(|| format!("bad reply: {text}"))?;
+    Ok((value, text))
+}
+
+fn get<T: DeserializeOwned>(server: &str, path: &str) -> anyhow::Result<(T, String)> {
+    let resp = client()?
+        .get(format!("http://{server}{path}"))
+        .send()
+        .with_context(|| format!("contacting {server}"))?;
+    decode(resp)
+}
+
+pub fn run_cluster(args: ClusterArgs) -> anyhow::Result<()> {
+    match args.command {
+        ClusterCommand::Status { json } => {
+            let (status, raw): (Status, String) = get(&args.server.server, "/v1/status")?;
+            if json {
+                println!("{raw}");
+                return Ok(());
+            }
+            let opt = |v: Option<u64>| v.map_or("-".to_string(), |v| v.to_string());
+            println!("node:         {} ({})", status.id, status.state);
+            println!("leader:       {}", opt(status.leader));
+            println!("term:         {}", status.term);
+            println!("last log:     {}", opt(status.last_log_index));
+            println!("last applied: {}", opt(status.last_applied));
+            println!("members:");
+            for m in &status.members {
+                let role = if m.voter { "voter" } else { "learner" };
+                let lead = if Some(m.id) == status.leader {
+                    " leader"
+                } else {
+                    ""
+                };
+                println!("  {:>4}  {:<22} {role}{lead}", m.id, m.addr);
+            }
+            Ok(())
+        }
+    }
+}
+
+pub fn run_host(args: HostArgs) -> anyhow::Result<()> {
+    let server = &args.server.server;
+    match args.command {
+        HostCommand::List { json } => {
+            let (hosts, raw): (Vec<Host>, String) = get(server, "/v1/hosts")?;
+            if json {
+                println!("{raw}");
+                return Ok(());
+            }
+            println!(
+                "{:>4}  {:<22} {:<22} {:>5} {:>10}",
+                "ID", "ADDRESS", "STATE", "CPUS", "MEM MiB"
+            );
+            for h in hosts {
+                let state = serde_json::to_value(h.state)?
+                    .as_str()
+                    .unwrap_or("?")
+                    .to_string();
+                println!(
+                    "{:>4}  {:<22} {:<22} {:>5} {:>10}",
+                    h.id, h.address, state, h.capacity.cpus, h.capacity.memory_mib
+                );
+            }
+            Ok(())
+        }
+        HostCommand::Remove { id } => {
+            let resp = client()?
+                .post(format!("http://{server}/v1/members/remove"))
+                .json(&serde_json::json!({ "id": id }))
+                .send()
+                .with_context(|| format!("contacting {server}"))?;
+            let _: (serde_json::Value, String) = decode(resp)?;
+            println!("host {id} removed");
+            Ok(())
+        }
+    }
 }

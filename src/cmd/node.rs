@@ -1,9 +1,63 @@
-//! Placeholder: replaced by the issue that builds this command.
+//! `tern node`: the host agent daemon (Raft member + HTTP API).
+use std::path::PathBuf;
+
 use clap::Args;
+use tern_consensus::RaftOptions;
+
+use crate::node::{serve, NodeConfig};
 
 #[derive(Args)]
-pub struct NodeArgs {}
+pub struct NodeArgs {
+    /// This node's id (also its host id); unique in the cluster, never reused.
+    #[arg(long)]
+    id: u64,
+    /// Address for the HTTP API and Raft traffic, e.g. 127.0.0.1:7400.
+    #[arg(long)]
+    listen: String,
+    /// Data directory (Raft log and state machine live here).
+    #[arg(long)]
+    data: PathBuf,
+    /// Start a new one-node cluster (ignored if the data directory already holds one).
+    #[arg(long, conflicts_with = "join")]
+    bootstrap: bool,
+    /// Join the cluster through any member's address (ignored when restarting a member).
+    #[arg(long)]
+    join: Option<String>,
+    /// Raft heartbeat interval in milliseconds.
+    #[arg(long, default_value_t = 100)]
+    heartbeat_ms: u64,
+    /// Minimum election timeout in milliseconds (the maximum is twice this).
+    #[arg(long, default_value_t = 300)]
+    election_ms: u64,
+    /// Build a snapshot after this many log entries (then purge the log behind it).
+    #[arg(long, default_value_t = 5000)]
+    snapshot_every: u64,
+    /// Log entries kept behind a snapshot.
+    #[arg(long, default_value_t = 1000)]
+    keep_after_snapshot: u64,
+    /// Do not flush the log to disk before acknowledging (unsafe; only to measure its cost).
+    #[arg(long)]
+    no_fsync: bool,
+}
 
-pub fn run(_args: NodeArgs) -> anyhow::Result<()> {
-    anyhow::bail!("not built yet")
+pub fn run(args: NodeArgs) -> anyhow::Result<()> {
+    let cfg = NodeConfig {
+        id: args.id,
+        listen: args.listen,
+        data: args.data,
+        bootstrap: args.bootstrap,
+        join: args.join,
+        raft: RaftOptions {
+            heartbeat_ms: args.heartbeat_ms,
+            election_min_ms: args.election_ms,
+            election_max_ms: args.election_ms * 2,
+            snapshot_every: args.snapshot_every,
+            keep_after_snapshot: args.keep_after_snapshot,
+            durable: !args.no_fsync,
+        },
+    };
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?
+        .block_on(serve(cfg))
 }

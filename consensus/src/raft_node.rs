@@ -1,0 +1,144 @@
+//! Opening a Raft member: sled storage under the data directory, the HTTP network, and
+//! timeouts tuned for a LAN (loopback in tests).
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::Arc;
+
+use openraft::error::{CheckIsLeaderError, ClientWriteError, RaftError};
+use openraft::{BasicNode, Config, SnapshotPolicy};
+
+use crate::network::HttpNetworkFactory;
+use crate::state::ClusterState;
+use crate::store::{open_db, LogStore, StateMachineStore, StateView};
+use crate::{NodeId, Raft, Request, Response};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConsensusError {
+    #[error("opening storage: {0}")]
+    Storage(#[from] sled::Error),
+    #[error("state machine storage: {0}")]
+    StateMachine(#[from] crate::StorageError),
+    #[error("raft config: {0}")]
+    Config(#[from] openraft::ConfigError),
+    #[error("raft: {0}")]
+    Fatal(#[from] openraft::error::Fatal<NodeId>),
+    #[error("http client: {0}")]
+    Http(#[from] reqwest::Error),
+    #[error("write: {0}")]
+    Write(#[from] RaftError<NodeId, ClientWriteError<NodeId, BasicNode>>),
+    #[error("read: {0}")]
+    Read(#[from] RaftError<NodeId, CheckIsLeaderError<NodeId, BasicNode>>),
+}
+
+/// Raft timing and log compaction knobs.
+#[derive(Clone, Debug)]
+pub struct RaftOptions {
+    pub heartbeat_ms: u64,
+    pub election_min_ms: u64,
+    pub election_max_ms: u64,
+    /// Build a snapshot after this many applied entries since the last one.
+    pub snapshot_every: u64,
+    /// Entries kept in the log behind a snapshot (for followers slightly behind).
+    pub keep_after_snapshot: u64,
+    /// Flush sled before acknowledging log appends (turn off only to measure its cost).
+    pub durable: bool,
+}
+
+impl Default for RaftOptions {
+    fn default() -> Self {
+        RaftOptions {
+            heartbeat_ms: 100,
+            election_min_ms: 300,
+            election_max_ms: 600,
+            snapshot_every: 5000,
+            keep_after_snapshot: 1000,
+            durable: true,
+        }
+    }
+}
+
+/// A running Raft member with its storage handles.
+#[derive(Clone)]
+pub struct ConsensusNode {
+    pub id: NodeId,
+    pub addr: String,
+    pub raft: Raft,
+    pub machine: StateMachineStore,
+}
+
+impl ConsensusNode {
+    pub async fn open(
+        id: NodeId,
+        addr: String,
+        data_dir: &Path,
+        opts: &RaftOptions,
+    ) -> Result<Self, ConsensusError> {
+        let config = Config {
+            cluster_name: "tern".to_string(),
+            heartbeat_interval: opts.heartbeat_ms,
+            election_timeout_min: opts.election_min_ms,
+            election_timeout_max: opts.election_max_ms,
+            snapshot_policy: SnapshotPolicy::LogsSinceLast(opts.snapshot_every),
+            max_in_snapshot_log_to_keep: opts.keep_after_snapshot,
+            purge_batch_size: 256,
+            ..Default::default()
+        }
+        .validate()?;
+        let db = open_db(&data_dir.join("raft.sled"))?;
+        let log = LogStore::open(&db, opts.durable)?;
+        let machine = StateMachineStore::open(&db)?;
+        let raft = Raft::new(
+            id,
+            Arc::new(config),
+            HttpNetworkFactory::new()?,
+            log,
+            machine.clone(),
+        )
+        .await?;
+        Ok(ConsensusNode {
+            id,
+            addr,
+            raft,
+            machine,
+        })
+    }
+
+    /// Make this node a one-member cluster, unless it already has state.
+    pub async fn bootstrap(&self) -> Result<(), ConsensusError> {
+        if self.raft.is_initialized().await? {
+            return Ok(());
+        }
+        let mut members = BTreeMap::new();
+        members.insert(
+            self.id,
+            BasicNode {
+                addr: self.addr.clone(),
+            },
+        );
+        match self.raft.initialize(members).await {
+            Ok(()) => Ok(()),
+            Err(RaftError::APIError(e)) => {
+                tracing::info!("bootstrap skipped: {e}");
+                Ok(())
+            }
+            Err(RaftError::Fatal(f)) => Err(f.into()),
+        }
+    }
+
+    /// Propose a command on this node (which must be the leader) and wait for it to apply.
+    pub async fn write(&self, req: Request) -> Result<Response, ConsensusError> {
+        Ok(self.raft.client_write(req).await?.data)
+    }
+
+    /// A linearizable read: confirms leadership with a quorum and waits until this node has
+    /// applied everything committed before the read began.
+    pub async fn read(&self) -> Result<Arc<ClusterState>, ConsensusError> {
+        self.raft.ensure_linearizable().await?;
+        Ok(self.machine.view().state)
+    }
+
+    /// The latest applied state on this node (may be stale on a follower).
+    pub fn local_view(&self) -> StateView {
+        self.machine.view()
+    }
+}

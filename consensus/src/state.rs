@@ -1,0 +1,723 @@
+//! The replicated cluster state and the commands that change it.
+//!
+//! `ClusterState::apply` is the only way state changes. It is deterministic: it never reads a
+//! clock or any other input outside the command (time comes in the `Request` from the proposer),
+//! and a rejected command leaves the state exactly as it was.
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+pub type HostId = u64;
+pub type TaskId = u64;
+
+/// How many audit entries are kept; older ones are dropped (deterministically, by count).
+pub const AUDIT_RETAIN: usize = 10_000;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum HostState {
+    Connected,
+    EnteringMaintenance,
+    InMaintenance,
+    Down,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Capacity {
+    pub cpus: u32,
+    pub memory_mib: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Host {
+    pub id: HostId,
+    /// Address of the host's node API (also its Raft address).
+    pub address: String,
+    pub capacity: Capacity,
+    pub cpu_features: Vec<String>,
+    pub state: HostState,
+    pub registered_at_ms: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmSpec {
+    pub name: String,
+    pub vcpus: u32,
+    pub memory_mib: u64,
+    /// CPU features the guest was started with; a destination must offer all of them.
+    #[serde(default)]
+    pub cpu_features: Vec<String>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum VmState {
+    Stopped,
+    Running,
+    Paused,
+    Migrating,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Vm {
+    pub spec: VmSpec,
+    pub pool: Option<String>,
+    /// The one host allowed to run this VM's vCPUs.
+    pub owner: HostId,
+    /// Bumped on every ownership change; switchover commits compare-and-set on it.
+    pub epoch: u64,
+    pub state: VmState,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ResourcePool {
+    pub name: String,
+    pub cpu_reservation_mhz: u64,
+    pub cpu_limit_mhz: Option<u64>,
+    pub memory_reservation_mib: u64,
+    pub memory_limit_mib: Option<u64>,
+    pub shares: u32,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RuleKind {
+    VmVmAffinity,
+    VmVmAntiAffinity,
+    VmHostAffinity,
+    VmHostAntiAffinity,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Rule {
+    pub name: String,
+    pub kind: RuleKind,
+    /// `true`: must (hard), `false`: should (soft).
+    pub mandatory: bool,
+    pub vms: Vec<String>,
+    #[serde(default)]
+    pub hosts: Vec<HostId>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum TaskState {
+    Queued,
+    Running,
+    Succeeded,
+    Failed,
+    Cancelled,
+}
+
+impl TaskState {
+    fn is_final(self) -> bool {
+        matches!(
+            self,
+            TaskState::Succeeded | TaskState::Failed | TaskState::Cancelled
+        )
+    }
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TaskStats {
+    pub downtime_us: u64,
+    pub total_ms: u64,
+    pub bytes: u64,
+    pub rounds: u32,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MigrationTask {
+    pub id: TaskId,
+    pub vm: String,
+    pub from: HostId,
+    pub to: HostId,
+    /// Higher runs first.
+    pub priority: u8,
+    pub state: TaskState,
+    pub reason: String,
+    pub requested_by: String,
+    pub created_at_ms: u64,
+    pub started_at_ms: Option<u64>,
+    pub finished_at_ms: Option<u64>,
+    pub stats: TaskStats,
+    pub error: Option<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Schedule {
+    pub name: String,
+    /// Cron-like expression, interpreted by the component that owns the schedule.
+    pub cron: String,
+    pub action: String,
+    pub enabled: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum AutomationLevel {
+    Manual,
+    PartiallyAutomated,
+    FullyAutomated,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DrsSettings {
+    pub automation: AutomationLevel,
+    /// 1 (conservative) ..= 5 (aggressive).
+    pub migration_threshold: u8,
+    pub interval_s: u32,
+}
+
+impl Default for DrsSettings {
+    fn default() -> Self {
+        DrsSettings {
+            automation: AutomationLevel::Manual,
+            migration_threshold: 3,
+            interval_s: 300,
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditEntry {
+    /// Raft log index of the command, unique and ordered.
+    pub index: u64,
+    pub at_ms: u64,
+    pub actor: String,
+    pub action: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct User {
+    pub name: String,
+    pub roles: Vec<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Role {
+    pub name: String,
+    pub privileges: Vec<String>,
+}
+
+/// The whole replicated truth of the cluster.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterState {
+    pub hosts: BTreeMap<HostId, Host>,
+    pub vms: BTreeMap<String, Vm>,
+    pub pools: BTreeMap<String, ResourcePool>,
+    pub rules: BTreeMap<String, Rule>,
+    pub tasks: BTreeMap<TaskId, MigrationTask>,
+    pub next_task_id: TaskId,
+    pub schedules: BTreeMap<String, Schedule>,
+    pub drs: DrsSettings,
+    pub audit: Vec<AuditEntry>,
+    pub users: BTreeMap<String, User>,
+    pub roles: BTreeMap<String, Role>,
+}
+
+/// A command as proposed: who asks, when (the proposer's clock), and what.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Request {
+    pub actor: String,
+    pub at_ms: u64,
+    pub command: Command,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum Command {
+    /// Register or update a host (re-registration keeps its state).
+    RegisterHost {
+        id: HostId,
+        address: String,
+        capacity: Capacity,
+        cpu_features: Vec<String>,
+    },
+    SetHostState {
+        id: HostId,
+        state: HostState,
+    },
+    /// Remove a host; rejected while it owns VMs.
+    RemoveHost {
+        id: HostId,
+    },
+    CreateVm {
+        spec: VmSpec,
+        pool: Option<String>,
+        owner: HostId,
+    },
+    SetVmState {
+        vm: String,
+        state: VmState,
+    },
+    DeleteVm {
+        vm: String,
+    },
+    /// Compare-and-set ownership: applies only if `expected_owner`/`expected_epoch` match.
+    TransferOwnership {
+        vm: String,
+        expected_owner: HostId,
+        expected_epoch: u64,
+        to: HostId,
+    },
+    PutPool {
+        pool: ResourcePool,
+    },
+    DeletePool {
+        name: String,
+    },
+    PutRule {
+        rule: Rule,
+    },
+    DeleteRule {
+        name: String,
+    },
+    CreateTask {
+        vm: String,
+        to: HostId,
+        priority: u8,
+        reason: String,
+    },
+    UpdateTask {
+        id: TaskId,
+        state: TaskState,
+        #[serde(default)]
+        stats: Option<TaskStats>,
+        #[serde(default)]
+        error: Option<String>,
+    },
+    PutSchedule {
+        schedule: Schedule,
+    },
+    DeleteSchedule {
+        name: String,
+    },
+    SetDrs {
+        settings: DrsSettings,
+    },
+    PutUser {
+        user: User,
+    },
+    DeleteUser {
+        name: String,
+    },
+    PutRole {
+        role: Role,
+    },
+    /// Does nothing; used to measure commit latency and to check the leader can commit.
+    Noop,
+}
+
+/// What a successful command produced.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Applied {
+    Done,
+    TaskCreated {
+        id: TaskId,
+    },
+    OwnershipTransferred {
+        vm: String,
+        owner: HostId,
+        epoch: u64,
+    },
+}
+
+/// Why a command was rejected. Rejection changes nothing.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+#[serde(tag = "error", rename_all = "snake_case")]
+pub enum CommandError {
+    #[error("unknown host {id}")]
+    UnknownHost { id: HostId },
+    #[error("unknown vm {name:?}")]
+    UnknownVm { name: String },
+    #[error("vm {name:?} already exists")]
+    VmExists { name: String },
+    #[error("unknown pool {name:?}")]
+    UnknownPool { name: String },
+    #[error("unknown rule {name:?}")]
+    UnknownRule { name: String },
+    #[error("unknown task {id}")]
+    UnknownTask { id: TaskId },
+    #[error("unknown schedule {name:?}")]
+    UnknownSchedule { name: String },
+    #[error("unknown user {name:?}")]
+    UnknownUser { name: String },
+    #[error("unknown role {name:?}")]
+    UnknownRole { name: String },
+    #[error("host {id} still owns {vms} vm(s)")]
+    HostNotEmpty { id: HostId, vms: usize },
+    #[error("host {id} is {state:?} and accepts no new vms")]
+    HostUnavailable { id: HostId, state: HostState },
+    #[error("ownership of {vm:?} is host {owner} epoch {epoch}, not host {expected_owner} epoch {expected_epoch}")]
+    OwnershipConflict {
+        vm: String,
+        owner: HostId,
+        epoch: u64,
+        expected_owner: HostId,
+        expected_epoch: u64,
+    },
+    #[error("task {id} is already {state:?}")]
+    TaskFinal { id: TaskId, state: TaskState },
+    #[error("invalid: {reason}")]
+    Invalid { reason: String },
+}
+
+fn invalid(reason: impl Into<String>) -> CommandError {
+    CommandError::Invalid {
+        reason: reason.into(),
+    }
+}
+
+impl ClusterState {
+    /// Validate and apply one command at log position `index`. On error nothing changed.
+    pub fn apply(&mut self, index: u64, req: &Request) -> Result<Applied, CommandError> {
+        let applied = self.apply_command(req)?;
+        if !matches!(req.command, Command::Noop) {
+            self.audit.push(AuditEntry {
+                index,
+                at_ms: req.at_ms,
+                actor: req.actor.clone(),
+                action: describe(&req.command),
+            });
+            if self.audit.len() > AUDIT_RETAIN {
+                let excess = self.audit.len() - AUDIT_RETAIN;
+                self.audit.drain(..excess);
+            }
+        }
+        Ok(applied)
+    }
+
+    fn host(&self, id: HostId) -> Result<&Host, CommandError> {
+        self.hosts.get(&id).ok_or(CommandError::UnknownHost { id })
+    }
+
+    /// A host that may receive a new VM (by creation or migration).
+    fn placeable_host(&self, id: HostId) -> Result<&Host, CommandError> {
+        let host = self.host(id)?;
+        match host.state {
+            HostState::Connected => Ok(host),
+            state => Err(CommandError::HostUnavailable { id, state }),
+        }
+    }
+
+    fn vm(&self, name: &str) -> Result<&Vm, CommandError> {
+        self.vms.get(name).ok_or_else(|| CommandError::UnknownVm {
+            name: name.to_string(),
+        })
+    }
+
+    // Each arm validates fully before its first mutation, so an error leaves state untouched.
+    fn apply_command(&mut self, req: &Request) -> Result<Applied, CommandError> {
+        match &req.command {
+            Command::RegisterHost {
+                id,
+                address,
+                capacity,
+                cpu_features,
+            } => {
+                if address.is_empty() {
+                    return Err(invalid("host address is empty"));
+                }
+                let state = self.hosts.get(id).map_or(HostState::Connected, |h| h.state);
+                let registered_at_ms = self.hosts.get(id).map_or(req.at_ms, |h| h.registered_at_ms);
+                self.hosts.insert(
+                    *id,
+                    Host {
+                        id: *id,
+                        address: address.clone(),
+                        capacity: capacity.clone(),
+                        cpu_features: cpu_features.clone(),
+                        state,
+                        registered_at_ms,
+                    },
+                );
+            }
+            Command::SetHostState { id, state } => {
+                self.host(*id)?;
+                if let Some(h) = self.hosts.get_mut(id) {
+                    h.state = *state;
+                }
+            }
+            Command::RemoveHost { id } => {
+                self.host(*id)?;
+                let vms = self.vms.values().filter(|vm| vm.owner == *id).count();
+                if vms > 0 {
+                    return Err(CommandError::HostNotEmpty { id: *id, vms });
+                }
+                self.hosts.remove(id);
+            }
+            Command::CreateVm { spec, pool, owner } => {
+                if spec.name.is_empty() || spec.vcpus == 0 || spec.memory_mib == 0 {
+                    return Err(invalid(
+                        "vm needs a name, at least one vcpu and some memory",
+                    ));
+                }
+                if self.vms.contains_key(&spec.name) {
+                    return Err(CommandError::VmExists {
+                        name: spec.name.clone(),
+                    });
+                }
+                if let Some(p) = pool {
+                    if !self.pools.contains_key(p) {
+                        return Err(CommandError::UnknownPool { name: p.clone() });
+                    }
+                }
+                self.placeable_host(*owner)?;
+                self.vms.insert(
+                    spec.name.clone(),
+                    Vm {
+                        spec: spec.clone(),
+                        pool: pool.clone(),
+                        owner: *owner,
+                        epoch: 0,
+                        state: VmState::Stopped,
+                    },
+                );
+            }
+            Command::SetVmState { vm, state } => {
+                self.vm(vm)?;
+                if let Some(v) = self.vms.get_mut(vm) {
+                    v.state = *state;
+                }
+            }
+            Command::DeleteVm { vm } => {
+                self.vm(vm)?;
+                self.vms.remove(vm);
+            }
+            Command::TransferOwnership {
+                vm,
+                expected_owner,
+                expected_epoch,
+                to,
+            } => {
+                let current = self.vm(vm)?;
+                if current.owner != *expected_owner || current.epoch != *expected_epoch {
+                    return Err(CommandError::OwnershipConflict {
+                        vm: vm.clone(),
+                        owner: current.owner,
+                        epoch: current.epoch,
+                        expected_owner: *expected_owner,
+                        expected_epoch: *expected_epoch,
+                    });
+                }
+                if to == expected_owner {
+                    return Err(invalid("ownership transfer to the current owner"));
+                }
+                self.placeable_host(*to)?;
+                let epoch = expected_epoch + 1;
+                if let Some(v) = self.vms.get_mut(vm) {
+                    v.owner = *to;
+                    v.epoch = epoch;
+                }
+                return Ok(Applied::OwnershipTransferred {
+                    vm: vm.clone(),
+                    owner: *to,
+                    epoch,
+                });
+            }
+            Command::PutPool { pool } => {
+                if pool.name.is_empty() || pool.shares == 0 {
+                    return Err(invalid("pool needs a name and non-zero shares"));
+                }
+                if pool
+                    .cpu_limit_mhz
+                    .is_some_and(|l| l < pool.cpu_reservation_mhz)
+                    || pool
+                        .memory_limit_mib
+                        .is_some_and(|l| l < pool.memory_reservation_mib)
+                {
+                    return Err(invalid("pool limit below its reservation"));
+                }
+                self.pools.insert(pool.name.clone(), pool.clone());
+            }
+            Command::DeletePool { name } => {
+                if !self.pools.contains_key(name) {
+                    return Err(CommandError::UnknownPool { name: name.clone() });
+                }
+                if self
+                    .vms
+                    .values()
+                    .any(|vm| vm.pool.as_deref() == Some(name.as_str()))
+                {
+                    return Err(invalid(format!("pool {name:?} still holds vms")));
+                }
+                self.pools.remove(name);
+            }
+            Command::PutRule { rule } => {
+                if rule.name.is_empty() || rule.vms.is_empty() {
+                    return Err(invalid("rule needs a name and at least one vm"));
+                }
+                let host_rule = matches!(
+                    rule.kind,
+                    RuleKind::VmHostAffinity | RuleKind::VmHostAntiAffinity
+                );
+                if host_rule == rule.hosts.is_empty() {
+                    return Err(invalid("vm-host rules name hosts, vm-vm rules do not"));
+                }
+                for vm in &rule.vms {
+                    self.vm(vm)?;
+                }
+                for h in &rule.hosts {
+                    self.host(*h)?;
+                }
+                self.rules.insert(rule.name.clone(), rule.clone());
+            }
+            Command::DeleteRule { name } => {
+                if self.rules.remove(name).is_none() {
+                    return Err(CommandError::UnknownRule { name: name.clone() });
+                }
+            }
+            Command::CreateTask {
+                vm,
+                to,
+                priority,
+                reason,
+            } => {
+                let from = self.vm(vm)?.owner;
+                if from == *to {
+                    return Err(invalid(format!("vm {vm:?} already runs on host {to}")));
+                }
+                self.placeable_host(*to)?;
+                let id = self.next_task_id;
+                self.next_task_id += 1;
+                self.tasks.insert(
+                    id,
+                    MigrationTask {
+                        id,
+                        vm: vm.clone(),
+                        from,
+                        to: *to,
+                        priority: *priority,
+                        state: TaskState::Queued,
+                        reason: reason.clone(),
+                        requested_by: req.actor.clone(),
+                        created_at_ms: req.at_ms,
+                        started_at_ms: None,
+                        finished_at_ms: None,
+                        stats: TaskStats::default(),
+                        error: None,
+                    },
+                );
+                return Ok(Applied::TaskCreated { id });
+            }
+            Command::UpdateTask {
+                id,
+                state,
+                stats,
+                error,
+            } => {
+                let task = self
+                    .tasks
+                    .get_mut(id)
+                    .ok_or(CommandError::UnknownTask { id: *id })?;
+                if task.state.is_final() {
+                    return Err(CommandError::TaskFinal {
+                        id: *id,
+                        state: task.state,
+                    });
+                }
+                if *state == TaskState::Queued {
+                    return Err(invalid("a task cannot go back to queued"));
+                }
+                task.state = *state;
+                if *state == TaskState::Running && task.started_at_ms.is_none() {
+                    task.started_at_ms = Some(req.at_ms);
+                }
+                if state.is_final() {
+                    task.finished_at_ms = Some(req.at_ms);
+                }
+                if let Some(s) = stats {
+                    task.stats = s.clone();
+                }
+                if error.is_some() {
+                    task.error = error.clone();
+                }
+            }
+            Command::PutSchedule { schedule } => {
+                if schedule.name.is_empty() || schedule.cron.is_empty() {
+                    return Err(invalid("schedule needs a name and a cron expression"));
+                }
+                self.schedules
+                    .insert(schedule.name.clone(), schedule.clone());
+            }
+            Command::DeleteSchedule { name } => {
+                if self.schedules.remove(name).is_none() {
+                    return Err(CommandError::UnknownSchedule { name: name.clone() });
+                }
+            }
+            Command::SetDrs { settings } => {
+                if !(1..=5).contains(&settings.migration_threshold) || settings.interval_s == 0 {
+                    return Err(invalid(
+                        "migration threshold must be 1..=5 and interval non-zero",
+                    ));
+                }
+                self.drs = settings.clone();
+            }
+            Command::PutUser { user } => {
+                if user.name.is_empty() {
+                    return Err(invalid("user needs a name"));
+                }
+                if let Some(r) = user.roles.iter().find(|r| !self.roles.contains_key(*r)) {
+                    return Err(CommandError::UnknownRole { name: r.clone() });
+                }
+                self.users.insert(user.name.clone(), user.clone());
+            }
+            Command::DeleteUser { name } => {
+                if self.users.remove(name).is_none() {
+                    return Err(CommandError::UnknownUser { name: name.clone() });
+                }
+            }
+            Command::PutRole { role } => {
+                if role.name.is_empty() {
+                    return Err(invalid("role needs a name"));
+                }
+                self.roles.insert(role.name.clone(), role.clone());
+            }
+            Command::Noop => {}
+        }
+        Ok(Applied::Done)
+    }
+}
+
+/// One line for the audit trail.
+fn describe(cmd: &Command) -> String {
+    match cmd {
+        Command::RegisterHost { id, address, .. } => format!("register host {id} at {address}"),
+        Command::SetHostState { id, state } => format!("set host {id} state {state:?}"),
+        Command::RemoveHost { id } => format!("remove host {id}"),
+        Command::CreateVm { spec, owner, .. } => format!("create vm {} on host {owner}", spec.name),
+        Command::SetVmState { vm, state } => format!("set vm {vm} state {state:?}"),
+        Command::DeleteVm { vm } => format!("delete vm {vm}"),
+        Command::TransferOwnership {
+            vm,
+            expected_owner,
+            expected_epoch,
+            to,
+        } => {
+            format!(
+                "transfer vm {vm} from host {expected_owner} to host {to} (epoch {})",
+                expected_epoch + 1
+            )
+        }
+        Command::PutPool { pool } => format!("put pool {}", pool.name),
+        Command::DeletePool { name } => format!("delete pool {name}"),
+        Command::PutRule { rule } => format!("put rule {}", rule.name),
+        Command::DeleteRule { name } => format!("delete rule {name}"),
+        Command::CreateTask { vm, to, reason, .. } => {
+            format!("create migration task vm {vm} to host {to} ({reason})")
+        }
+        Command::UpdateTask { id, state, .. } => format!("task {id} {state:?}"),
+        Command::PutSchedule { schedule } => format!("put schedule {}", schedule.name),
+        Command::DeleteSchedule { name } => format!("delete schedule {name}"),
+        Command::SetDrs { settings } => format!(
+            "set drs {:?} threshold {} interval {}s",
+            settings.automation, settings.migration_threshold, settings.interval_s
+        ),
+        Command::PutUser { user } => format!("put user {}", user.name),
+        Command::DeleteUser { name } => format!("delete user {name}"),
+        Command::PutRole { role } => format!("put role {}", role.name),
+        Command::Noop => "noop".to_string(),
+    }
+}

@@ -1,0 +1,92 @@
+//! The `tern node` daemon: a Raft member plus its HTTP API.
+pub mod api;
+mod host_info;
+mod metrics;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use tern_consensus::state::Command;
+use tern_consensus::{ConsensusNode, RaftOptions};
+
+pub struct NodeConfig {
+    pub id: u64,
+    pub listen: String,
+    pub data: PathBuf,
+    pub bootstrap: bool,
+    pub join: Option<String>,
+    pub raft: RaftOptions,
+}
+
+pub async fn serve(cfg: NodeConfig) -> anyhow::Result<()> {
+    std::fs::create_dir_all(&cfg.data)
+        .with_context(|| format!("creating {}", cfg.data.display()))?;
+    let listener = tokio::net::TcpListener::bind(&cfg.listen)
+        .await
+        .with_context(|| format!("binding {}", cfg.listen))?;
+    let addr = listener.local_addr()?.to_string();
+    let node = ConsensusNode::open(cfg.id, addr.clone(), &cfg.data, &cfg.raft)
+        .await
+        .context("opening raft")?;
+    let prometheus = metrics::install(&node)?;
+    let state = api::ApiState::new(node.clone(), prometheus)?;
+    let router = api::router(state.clone());
+    let server = tokio::spawn(async move { axum::serve(listener, router).await });
+    tracing::info!(id = cfg.id, %addr, "node listening");
+    println!("tern node {} listening on {addr}", cfg.id);
+
+    let initialized = node.raft.is_initialized().await?;
+    if cfg.bootstrap {
+        node.bootstrap().await?;
+    } else if !initialized {
+        let Some(seed) = cfg.join.clone() else {
+            anyhow::bail!("a new node needs --bootstrap or --join ADDR");
+        };
+        tokio::spawn(join_loop(state.clone(), seed, cfg.id, addr.clone()));
+    }
+    tokio::spawn(register_loop(state, cfg.id, addr));
+
+    tokio::select! {
+        res = server => { res??; }
+        _ = tokio::signal::ctrl_c() => { tracing::info!("shutting down"); }
+    }
+    node.raft.shutdown().await.ok();
+    Ok(())
+}
+
+/// Ask the seed (forwarded to the leader) to add us as learner then voter, until it works.
+async fn join_loop(state: api::ApiState, seed: String, id: u64, addr: String) {
+    let body = api::JoinBody { id, addr };
+    loop {
+        match state
+            .post_json::<_, serde_json::Value>(&seed, "/v1/members/join", &body, false)
+            .await
+        {
+            Ok(_) => return,
+            Err(e) => tracing::warn!("join via {seed}: {e:#}"),
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
+
+/// Record this host (address, capacity, CPU features) in the cluster state, until committed.
+async fn register_loop(state: api::ApiState, id: u64, addr: String) {
+    let info = host_info::probe();
+    let command = Command::RegisterHost {
+        id,
+        address: addr,
+        capacity: info.capacity,
+        cpu_features: info.cpu_features,
+    };
+    loop {
+        match state
+            .propose(format!("host/{id}"), None, command.clone(), false)
+            .await
+        {
+            Ok(_) => return,
+            Err(e) => tracing::debug!("registering host: {e}"),
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
