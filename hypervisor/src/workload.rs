@@ -1,0 +1,228 @@
+//! The test guest's workload: parsed from `wss=256M,rate=50000,pattern=random,duty=30` and
+//! rendered into the guest command line of ABI.md (the same words, space-separated).
+use crate::error::{Error, Result};
+use serde::{Deserialize, Serialize};
+use std::fmt;
+use std::str::FromStr;
+
+/// Which pages of the working set the guest writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Pattern {
+    Seq,
+    Random,
+    Hotcold,
+}
+
+impl fmt::Display for Pattern {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Pattern::Seq => "seq",
+            Pattern::Random => "random",
+            Pattern::Hotcold => "hotcold",
+        })
+    }
+}
+
+/// The guest workload (ABI.md "Command line").
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Workload {
+    /// Working-set size in bytes (multiple of 4 KiB, at least one page).
+    pub wss: u64,
+    /// Page writes per second across all vCPUs; 0 = as fast as possible.
+    pub rate: u64,
+    pub pattern: Pattern,
+    /// Busy percentage 1..=100.
+    pub duty: u8,
+    pub seed: u64,
+}
+
+impl Default for Workload {
+    fn default() -> Self {
+        Self {
+            wss: 64 << 20,
+            rate: 0,
+            pattern: Pattern::Seq,
+            duty: 100,
+            seed: 1,
+        }
+    }
+}
+
+/// Parses `123`, `4K`, `256M`, `1G` (binary suffixes).
+pub fn parse_size(s: &str) -> Result<u64> {
+    let s = s.trim();
+    let (digits, mult) = match s.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => {
+            let mult: u64 = match c.to_ascii_uppercase() {
+                'K' => 1 << 10,
+                'M' => 1 << 20,
+                'G' => 1 << 30,
+                _ => {
+                    return Err(Error::Workload(format!(
+                        "{s:?} is not a size (unknown suffix; use K, M or G)"
+                    )))
+                }
+            };
+            (&s[..i], mult)
+        }
+        _ => (s, 1),
+    };
+    let n: u64 = digits
+        .parse()
+        .map_err(|_| Error::Workload(format!("{s:?} is not a size (e.g. 256M)")))?;
+    n.checked_mul(mult)
+        .ok_or_else(|| Error::Workload(format!("size {s:?} is too large")))
+}
+
+/// Renders a byte size with the largest exact binary suffix.
+pub fn format_size(n: u64) -> String {
+    for (shift, suffix) in [(30, "G"), (20, "M"), (10, "K")] {
+        if n != 0 && n % (1 << shift) == 0 {
+            return format!("{}{suffix}", n >> shift);
+        }
+    }
+    n.to_string()
+}
+
+impl FromStr for Workload {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<Self> {
+        let mut w = Workload::default();
+        for word in s.split(',').map(str::trim).filter(|w| !w.is_empty()) {
+            let (key, value) = word
+                .split_once('=')
+                .ok_or_else(|| Error::Workload(format!("{word:?} is not key=value")))?;
+            let num = |v: &str| {
+                v.parse::<u64>()
+                    .map_err(|_| Error::Workload(format!("{key}={v:?} is not a number")))
+            };
+            match key {
+                "wss" => w.wss = parse_size(value)?,
+                "rate" => w.rate = num(value)?,
+                "seed" => w.seed = num(value)?,
+                "duty" => {
+                    let d = num(value)?;
+                    if !(1..=100).contains(&d) {
+                        return Err(Error::Workload(format!("duty={d} is outside 1..=100")));
+                    }
+                    w.duty = d as u8;
+                }
+                "pattern" => {
+                    w.pattern = match value {
+                        "seq" => Pattern::Seq,
+                        "random" => Pattern::Random,
+                        "hotcold" => Pattern::Hotcold,
+                        _ => {
+                            return Err(Error::Workload(format!(
+                                "pattern={value:?} is not one of seq, random, hotcold"
+                            )))
+                        }
+                    }
+                }
+                _ => {
+                    return Err(Error::Workload(format!(
+                        "unknown key {key:?} (known: wss, rate, pattern, duty, seed)"
+                    )))
+                }
+            }
+        }
+        if w.wss == 0 || w.wss % 4096 != 0 {
+            return Err(Error::Workload(format!(
+                "wss={} must be a non-zero multiple of 4K",
+                w.wss
+            )));
+        }
+        Ok(w)
+    }
+}
+
+impl Workload {
+    /// The guest command line (ABI.md): space-separated `key=value` words.
+    pub fn cmdline(&self) -> String {
+        format!(
+            "wss={} rate={} pattern={} duty={} seed={}",
+            format_size(self.wss),
+            self.rate,
+            self.pattern,
+            self.duty,
+            self.seed
+        )
+    }
+
+    /// Guest RAM this workload needs at least: working set at 16 MiB plus its generation
+    /// table (ABI.md memory layout), rounded up to a page.
+    pub fn min_memory(&self) -> u64 {
+        let pages = self.wss / 4096;
+        (0x0100_0000 + self.wss + pages * 4).next_multiple_of(4096)
+    }
+}
+
+impl fmt::Display for Workload {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "wss={},rate={},pattern={},duty={},seed={}",
+            format_size(self.wss),
+            self.rate,
+            self.pattern,
+            self.duty,
+            self.seed
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn parses_the_issue_example() {
+        let w: Workload = "wss=256M,rate=50000,pattern=random,duty=30"
+            .parse()
+            .unwrap();
+        assert_eq!(w.wss, 256 << 20);
+        assert_eq!(w.rate, 50000);
+        assert_eq!(w.pattern, Pattern::Random);
+        assert_eq!(w.duty, 30);
+        assert_eq!(
+            w.cmdline(),
+            "wss=256M rate=50000 pattern=random duty=30 seed=1"
+        );
+        assert_eq!(w.to_string().parse::<Workload>().unwrap(), w);
+    }
+
+    #[test]
+    fn bad_strings_get_clear_errors() {
+        for (s, needle) in [
+            ("wss=12Q", "unknown suffix"),
+            ("wss=abc", "not a size"),
+            ("duty=0", "duty"),
+            ("duty=101", "duty"),
+            ("pattern=zigzag", "pattern"),
+            ("speed=3", "unknown key"),
+            ("rate", "key=value"),
+            ("wss=100", "multiple of 4K"),
+            ("wss=99999999999G", "too large"),
+        ] {
+            let err = s.parse::<Workload>().unwrap_err().to_string();
+            assert!(err.contains(needle), "{s}: {err}");
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn never_panics(s in ".{0,60}") {
+            let _ = s.parse::<Workload>();
+        }
+
+        #[test]
+        fn display_round_trips(pages in 1u64..1_000_000, rate in 0u64..10_000_000, duty in 1u8..=100, seed: u64, p in 0..3) {
+            let pattern = [Pattern::Seq, Pattern::Random, Pattern::Hotcold][p as usize];
+            let w = Workload { wss: pages * 4096, rate, pattern, duty, seed };
+            prop_assert_eq!(w.to_string().parse::<Workload>().unwrap(), w);
+        }
+    }
+}
