@@ -5,6 +5,7 @@
 pub mod bitmap;
 pub mod dest;
 pub mod frame;
+pub mod kvm;
 pub mod messages;
 pub mod policy;
 pub mod source;
@@ -13,10 +14,13 @@ pub mod transport;
 pub mod vm;
 
 #[cfg(test)]
+mod kvm_tests;
+#[cfg(test)]
 mod tests;
 
 pub use bitmap::PageBitmap;
 pub use dest::{receive, ReceiveConfig, ReceiveStats};
+pub use kvm::{feature_words, KvmMigratable};
 pub use messages::{Hello, VmSpec, PAGE_SIZE, PROTOCOL_VERSION};
 pub use policy::MigrationConfig;
 pub use source::{migrate, SwitchoverGate};
