@@ -232,8 +232,8 @@ static u64 pit_sample(u64 *uncertainty)
             return ((last_low + after) / 2 - (s0 + s1) / 2) / 10;
         }
         last_low = before;
-        if (spins > 10000000)
-            return 0;
+        if (after - s1 > (1ULL << 32) || spins > 10000000)
+            return 0; /* no PIT behind port 0x61 (about 1 s of TSC at most) */
     }
 }
 

@@ -78,6 +78,24 @@ pub(crate) fn supported_cpuid(kvm_sys: &Kvm) -> Result<CpuId> {
         .map_err(kvm("KVM_GET_SUPPORTED_CPUID"))
 }
 
+/// KVM's supported CPUID plus the hypervisor timing leaf 0x4000_0010 (TSC and APIC bus
+/// frequency in kHz), which the test guest reads first.
+pub(crate) fn guest_cpuid(kvm_sys: &Kvm, tsc_khz: u32) -> Result<CpuId> {
+    let base = supported_cpuid(kvm_sys)?;
+    let mut entries: Vec<kvm_bindings::kvm_cpuid_entry2> = base.as_slice().to_vec();
+    if let Some(hv) = entries.iter_mut().find(|e| e.function == 0x4000_0000) {
+        hv.eax = hv.eax.max(0x4000_0010);
+        entries.retain(|e| e.function != 0x4000_0010);
+        entries.push(kvm_bindings::kvm_cpuid_entry2 {
+            function: 0x4000_0010,
+            eax: tsc_khz,
+            ebx: 1_000_000, // KVM's LAPIC timer runs at 1 GHz
+            ..Default::default()
+        });
+    }
+    CpuId::from_entries(&entries).map_err(|e| Error::Config(format!("CPUID table: {e:?}")))
+}
+
 /// Sets `base` on `vcpu` with its APIC ID patched in.
 pub(crate) fn set_cpuid(vcpu: &VcpuFd, base: &CpuId, apic_id: u32, vcpus: u32) -> Result<()> {
     let mut cpuid = base.clone();
@@ -184,5 +202,8 @@ pub(crate) fn set_multiboot_entry(vcpu: &VcpuFd, entry: u32, mbi: u32) -> Result
     regs.rax = u64::from(crate::multiboot::BOOTLOADER_MAGIC);
     regs.rbx = u64::from(mbi);
     regs.rflags = 0x2;
+    // The spec leaves ESP undefined; give guests that call before setting their own stack a
+    // usable one in free low memory (QEMU does likewise).
+    regs.rsp = 0x7000;
     vcpu.set_regs(&regs).map_err(kvm("KVM_SET_REGS"))
 }

@@ -11,6 +11,7 @@ pub mod memory;
 pub mod migration;
 pub mod multiboot;
 pub mod serial;
+pub mod signals;
 pub mod state;
 pub mod status;
 pub mod vm;

@@ -162,17 +162,19 @@ impl Vm {
             ),
             None => None,
         };
-        let cpuid = cpu::supported_cpuid(&kvm_sys)?;
         let mut vcpus = Vec::with_capacity(config.vcpus);
         for id in 0..config.vcpus {
             let fd = vm_fd
                 .create_vcpu(id as u64)
                 .map_err(kvm("KVM_CREATE_VCPU"))?;
-            cpu::set_cpuid(&fd, &cpuid, id as u32, config.vcpus as u32)?;
             vcpus.push(fd);
         }
-        let msr_list = cpu::saveable_msrs(&kvm_sys, &vcpus[0])?;
         let tsc_khz = vcpus[0].get_tsc_khz().map_err(kvm("KVM_GET_TSC_KHZ"))?;
+        let cpuid = cpu::guest_cpuid(&kvm_sys, tsc_khz)?;
+        for (id, fd) in vcpus.iter().enumerate() {
+            cpu::set_cpuid(fd, &cpuid, id as u32, config.vcpus as u32)?;
+        }
+        let msr_list = cpu::saveable_msrs(&kvm_sys, &vcpus[0])?;
         let shared = Arc::new(Shared {
             vm_fd,
             mem,
