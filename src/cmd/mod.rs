@@ -5,6 +5,4 @@ pub mod guest;
 pub mod node;
 pub mod sim;
 pub mod vm;
-// Wired into `vm run` / `vm receive` once the VMM's `vm run` lands in vm.rs.
-#[allow(dead_code)]
 pub mod vm_migrate;

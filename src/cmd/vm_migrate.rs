@@ -247,3 +247,140 @@ mod tests {
         assert!(parse_duration("soon").is_err());
     }
 }
+
+/// What a destination needs to rebuild the VM, carried as the handshake's config string.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct WireConfig {
+    memory: u64,
+    vcpus: usize,
+    workload: String,
+    cpu_vendor: String,
+}
+
+/// `tern vm run ... --migrate-to ADDR`: run the guest, migrate it after `--migrate-after`,
+/// print the stats. On failure the guest keeps running here until `--for` ends.
+pub fn run_migrating(
+    args: &super::vm::RunArgs,
+    addr: SocketAddr,
+    duration: Duration,
+) -> anyhow::Result<()> {
+    use super::vm::{start_vm, watch, Monitor};
+    use tern_hypervisor::migration::KvmMigratable;
+    use tern_hypervisor::signals;
+    signals::install_stop_handler();
+    let started = std::time::Instant::now();
+    let mut monitor = Monitor::new(args.json);
+    let (vm, workload) = start_vm(args)?;
+    watch(&vm, &mut monitor, args.migrate.migrate_after)?;
+    let wire = WireConfig {
+        memory: vm.config().memory,
+        vcpus: vm.config().vcpus,
+        workload: workload.to_string(),
+        cpu_vendor: vm.cpu_features().vendor,
+    };
+    let vm = KvmMigratable::new(vm, serde_json::to_string(&wire)?);
+    let cancel = CancelToken::new();
+    let canceller = {
+        let cancel = cancel.clone();
+        std::thread::spawn(move || {
+            while !cancel.is_cancelled() {
+                if signals::stop_requested() {
+                    cancel.cancel();
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        })
+    };
+    let result = migrate_with_progress(&vm, addr, &args.migrate, &cancel);
+    cancel.cancel();
+    let _ = canceller.join();
+    let mut vm = vm.into_inner();
+    match result {
+        Ok(stats) => {
+            print_stats(&stats, None, args.json);
+            vm.shutdown();
+            Ok(())
+        }
+        Err(e) => {
+            if args.json {
+                println!(
+                    "{}",
+                    serde_json::json!({"event": "migration_failed", "error": format!("{e:#}")})
+                );
+            } else {
+                eprintln!("{e:#}");
+            }
+            let rest = duration.saturating_sub(started.elapsed());
+            if !rest.is_zero() {
+                watch(&vm, &mut monitor, rest)?;
+            }
+            vm.pause()?;
+            let summary = monitor.summary(&vm, &workload);
+            monitor.print_summary(&summary)?;
+            vm.shutdown();
+            Err(e)
+        }
+    }
+}
+
+/// `tern vm receive --listen ADDR`: wait for one migration, then run the guest (printing its
+/// progress) for `--for`, and fail if the guest found mismatching pages.
+pub fn run_receive(args: &ReceiveArgs) -> anyhow::Result<()> {
+    use super::vm::{watch, Monitor};
+    use tern_hypervisor::migration::feature_words;
+    use tern_hypervisor::migration::KvmMigratable;
+    use tern_hypervisor::{signals, Vm, VmConfig, Workload};
+    signals::install_stop_handler();
+    // The host's CPU features as a VM here would see them.
+    let probe = Vm::new(VmConfig {
+        memory: 32 << 20,
+        vcpus: 1,
+        serial_log: None,
+    })?;
+    let host = probe.cpu_features();
+    drop(probe);
+    let mut workload = None;
+    let (vm, _) = receive_one(args, feature_words(&host), |h: &Hello| {
+        let wire: WireConfig = serde_json::from_str(&h.spec.config)
+            .map_err(|e| format!("unreadable VM config: {e}"))?;
+        if wire.cpu_vendor != host.vendor {
+            return Err(format!(
+                "CPU vendor {} differs from this host's {}",
+                wire.cpu_vendor, host.vendor
+            ));
+        }
+        if wire.memory != h.spec.memory_bytes || wire.vcpus as u32 != h.spec.vcpus {
+            return Err("VM config disagrees with the memory layout".into());
+        }
+        workload = Some(
+            wire.workload
+                .parse::<Workload>()
+                .map_err(|e| e.to_string())?,
+        );
+        let vm = Vm::new(VmConfig {
+            memory: wire.memory,
+            vcpus: wire.vcpus,
+            serial_log: None,
+        })
+        .map_err(|e| e.to_string())?;
+        Ok(KvmMigratable::new(vm, h.spec.config.clone()))
+    })?;
+    let mut vm = vm.into_inner();
+    let workload = workload.context("no workload received")?;
+    let mut monitor = Monitor::new(args.json);
+    watch(&vm, &mut monitor, args.run_for.unwrap_or(Duration::ZERO))?;
+    vm.pause()?;
+    let summary = monitor.summary(&vm, &workload);
+    monitor.print_summary(&summary)?;
+    vm.shutdown();
+    if let Some(e) = &summary.vm_error {
+        anyhow::bail!("the VM failed after migration: {e}");
+    }
+    if summary.mismatches > 0 {
+        anyhow::bail!(
+            "the guest found {} mismatching pages after migration",
+            summary.mismatches
+        );
+    }
+    Ok(())
+}
