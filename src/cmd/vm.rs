@@ -49,7 +49,7 @@ pub struct RunArgs {
     #[arg(long)]
     pub serial_log: Option<PathBuf>,
     #[command(flatten)]
-    pub migrate: super::vm_migrate::MigrateOpts,
+    pub migrate: Box<super::vm_migrate::MigrateOpts>,
 }
 
 pub fn run(args: VmArgs) -> anyhow::Result<()> {
