@@ -77,7 +77,8 @@ qemu_rate=""
 if command -v "$QEMU" >/dev/null; then
     "$QEMU" -enable-kvm -cpu host,-arch-capabilities -m "$MEM" -smp "$CPUS" \
         -kernel "$work/guest.elf" -append "$WORKLOAD" -display none -no-reboot \
-        -serial "file:$work/qemu-serial.log" -monitor "unix:$work/mon.sock,server,nowait" &
+        -serial "file:$work/qemu-serial.log" -monitor "unix:$work/mon.sock,server,nowait" \
+        2>"$work/qemu.err" &
     qemu_pid=$!
     for _ in $(seq 1 600); do
         [[ -S "$work/mon.sock" ]] && read -r _t state vcpus _rest < <(monitor_status "$work/mon.sock") || state=x
@@ -99,12 +100,12 @@ fi
 
 tern_rate=""
 if "$TERN" vm run --help 2>/dev/null | grep -q -- "--json"; then
-    # `tern vm run --json` prints one JSON object per line with the guest status.
+    # `tern vm run --json` prints one JSON line per second: elapsed_s and the guest status.
     "$TERN" vm run --json --memory "$MEM" --vcpus "$CPUS" --workload "${WORKLOAD// /,}" \
-        >"$work/tern.jsonl" 2>"$work/tern.err" &
+        --for "$((WARMUP + SECS + 2))s" >"$work/tern.jsonl" 2>"$work/tern.err" &
     tern_pid=$!
-    sleep $((WARMUP + SECS + 5))
-    kill "$tern_pid" 2>/dev/null || true; wait "$tern_pid" 2>/dev/null || true; tern_pid=""
+    wait "$tern_pid" || true
+    tern_pid=""
     tern_rate=$(python3 - "$work/tern.jsonl" "$WARMUP" "$SECS" <<'PY'
 import json, sys
 rows = []
@@ -113,8 +114,8 @@ for line in open(sys.argv[1]):
         o = json.loads(line)
     except ValueError:
         continue
-    st = o.get("status", o)
-    t = o.get("elapsed_s", o.get("t"))
+    st = o.get("status") or {}
+    t = o.get("elapsed_s")
     if "pages_written" in st and t is not None and st.get("vcpus_running", 0) > 0:
         rows.append((float(t), st["pages_written"]))
 if len(rows) < 2:

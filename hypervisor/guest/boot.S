@@ -37,6 +37,7 @@ mb_entry:
     mov %ax, %ss
     mov %ax, %fs
     mov %ax, %gs
+    mov $(kstacks + KSTACK_SIZE), %esp  /* multiboot gives no stack */
     call enter_long_mode32
     ljmp $SEL_KCODE64, $bsp_long
 

@@ -185,7 +185,7 @@ static void parse_cmdline(void)
             if (parse_u64(v, vn, 1, &wss_bytes) || wss_bytes < 4096)
                 bad_word("command line: bad wss (bytes with K/M/G, at least 4K): ", w, n);
         } else if (streq(w, "rate", eq)) {
-            if (parse_u64(v, vn, 1, &cfg.rate) || cfg.rate > 1000000000ULL)
+            if (parse_u64(v, vn, 0, &cfg.rate) || cfg.rate > 1000000000ULL)
                 bad_word("command line: bad rate (pages/s, 0 = unlimited): ", w, n);
         } else if (streq(w, "duty", eq)) {
             if (parse_u64(v, vn, 0, &cfg.duty) || cfg.duty < 1 || cfg.duty > 100)
@@ -525,6 +525,13 @@ static u32 start_aps(void)
     lapic_icr(0x000c4600 | (AP_TRAMPOLINE_ADDR >> 12)); /* SIPI */
     delay_tsc(ms / 5);
     lapic_icr(0x000c4600 | (AP_TRAMPOLINE_ADDR >> 12));
+    /* CPUID.1 EBX[23:16] with HTT is the logical CPU count when the host sets it exactly (Tern
+     * does); stop as soon as that many checked in. Otherwise (QEMU with one core per socket
+     * reports 1) wait until none has arrived for a while. */
+    u32 a, b, c, d;
+    cpuid(1, &a, &b, &c, &d);
+    u32 expect = ((d >> 28) & 1) ? (b >> 16) & 0xff : 0;
+    u64 quiet = (expect > 1 ? 300 : 100) * ms;
     u32 seen = ap_next_id;
     u64 start = rdtsc(), last_change = start;
     for (;;) {
@@ -534,7 +541,7 @@ static u32 start_aps(void)
             seen = cur;
             last_change = now;
         }
-        if (now - last_change > 100 * ms || now - start > 2000 * ms)
+        if ((expect > 1 && cur >= expect) || now - last_change > quiet || now - start > 3000 * ms)
             break;
         __asm__ volatile("pause");
     }

@@ -5,9 +5,6 @@
 /// (flag bit 16), so a loader can place it without parsing ELF.
 pub static IMAGE: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/guest.elf"));
 
-/// Guest-physical address of the status page (ABI.md).
-pub const STATUS_ADDR: u64 = 0x0020_0000;
-
 const MULTIBOOT_MAGIC: u32 = 0x1BAD_B002;
 const SEARCH_LIMIT: usize = 8192;
 const FLAG_ADDRESS_FIELDS: u32 = 1 << 16;
@@ -114,6 +111,7 @@ pub fn multiboot_header(image: &[u8]) -> Result<MultibootHeader, ImageError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::status::STATUS_ADDR;
 
     #[test]
     fn built_image_is_a_valid_multiboot_image() {

@@ -32,7 +32,7 @@ impl GuestMemory {
     /// Maps `size` bytes of zeroed anonymous memory. `size` must be page aligned and within
     /// [`MIN_MEMORY`]..=[`MAX_MEMORY`].
     pub fn new(size: u64) -> Result<Self> {
-        if size % PAGE_SIZE != 0 {
+        if size & (PAGE_SIZE - 1) != 0 {
             return Err(Error::Config(format!(
                 "memory size {size} is not a multiple of 4 KiB"
             )));

@@ -82,6 +82,8 @@ struct Control {
     parked: usize,
     /// Threads that ended (fatal exit or stop).
     dead: usize,
+    /// Per-vCPU: host thread id, for /proc/self/task/<tid>/schedstat.
+    tids: Vec<i32>,
     /// Per-vCPU: the throttle thread asked this vCPU to sit out part of a window.
     throttle_due: Vec<bool>,
 }
@@ -182,6 +184,7 @@ impl Vm {
             ctl: Mutex::new(Control {
                 paused: true,
                 throttle_due: vec![false; config.vcpus],
+                tids: vec![0; config.vcpus],
                 ..Default::default()
             }),
             cv: Condvar::new(),
@@ -421,6 +424,25 @@ impl Vm {
             .collect()
     }
 
+    /// Per vCPU thread: (time on a host CPU, time runnable but waiting for one), from the
+    /// scheduler's statistics. On a busy host, `on_cpu + waiting` is what the guest asked
+    /// for, `on_cpu` what it got.
+    pub fn vcpu_sched_times(&self) -> Vec<(Duration, Duration)> {
+        let tids = lock(&self.shared.ctl).tids.clone();
+        tids.iter()
+            .map(|tid| {
+                let text = std::fs::read_to_string(format!("/proc/self/task/{tid}/schedstat"))
+                    .unwrap_or_default();
+                let mut it = text
+                    .split_whitespace()
+                    .map(|w| w.parse::<u64>().unwrap_or(0));
+                let run = it.next().unwrap_or(0);
+                let wait = it.next().unwrap_or(0);
+                (Duration::from_nanos(run), Duration::from_nanos(wait))
+            })
+            .collect()
+    }
+
     /// Saves the full VM state. Requires a paused VM (memory is the caller's business).
     pub fn save_state(&self) -> Result<VmState> {
         self.require("save_state", &[RunState::Paused], "paused")?;
@@ -645,6 +667,8 @@ fn checkpoint(idx: usize, shared: &Shared) -> Next {
 }
 
 fn vcpu_thread(idx: usize, shared: Arc<Shared>, fd: Arc<Mutex<VcpuFd>>) {
+    // SAFETY: gettid has no preconditions.
+    lock(&shared.ctl).tids[idx] = unsafe { libc::gettid() };
     let run_page: *mut kvm_bindings::kvm_run = lock(&fd).get_kvm_run();
     kick::register(run_page);
     let outcome = vcpu_loop(idx, &shared, &fd);

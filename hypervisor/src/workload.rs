@@ -78,7 +78,7 @@ pub fn parse_size(s: &str) -> Result<u64> {
 /// Renders a byte size with the largest exact binary suffix.
 pub fn format_size(n: u64) -> String {
     for (shift, suffix) in [(30, "G"), (20, "M"), (10, "K")] {
-        if n != 0 && n % (1 << shift) == 0 {
+        if n != 0 && n.trailing_zeros() >= shift {
             return format!("{}{suffix}", n >> shift);
         }
     }

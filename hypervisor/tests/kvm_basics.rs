@@ -126,7 +126,7 @@ fn dirty_log_reports_guest_and_vmm_writes() {
     let bits = vm.take_dirty_bitmap().unwrap();
     assert!(bits.iter().all(|&w| w == 0), "paused guest dirtied pages");
     let touched = vm.memory().touched_pages().unwrap();
-    assert!(touched >= 3 && touched < 1000, "touched {touched}");
+    assert!((3..1000).contains(&touched), "touched {touched}");
     vm.set_dirty_logging(false).unwrap();
     assert!(vm.take_dirty_bitmap().is_err());
 }
