@@ -8,6 +8,7 @@ pub mod error;
 pub mod guest_image;
 mod kick;
 pub mod memory;
+pub mod migration;
 pub mod multiboot;
 pub mod serial;
 pub mod signals;

@@ -5,3 +5,4 @@ pub mod guest;
 pub mod node;
 pub mod sim;
 pub mod vm;
+pub mod vm_migrate;

@@ -21,6 +21,8 @@ pub struct VmArgs {
 pub enum VmCommand {
     /// Boot the test guest and print its progress once a second, then a summary.
     Run(RunArgs),
+    /// Wait for one incoming live migration, then run the guest and print its progress.
+    Receive(super::vm_migrate::ReceiveArgs),
 }
 
 #[derive(Args, Clone, Debug)]
@@ -46,11 +48,14 @@ pub struct RunArgs {
     /// Append the guest's serial output to this file.
     #[arg(long)]
     pub serial_log: Option<PathBuf>,
+    #[command(flatten)]
+    pub migrate: Box<super::vm_migrate::MigrateOpts>,
 }
 
 pub fn run(args: VmArgs) -> anyhow::Result<()> {
     match args.command {
         VmCommand::Run(a) => run_vm(&a),
+        VmCommand::Receive(a) => super::vm_migrate::run_receive(&a),
     }
 }
 
@@ -274,6 +279,9 @@ pub fn watch(vm: &Vm, monitor: &mut Monitor, duration: Duration) -> anyhow::Resu
 
 fn run_vm(args: &RunArgs) -> anyhow::Result<()> {
     let duration = parse_duration(&args.duration).context("--for")?;
+    if let Some(addr) = args.migrate.migrate_to {
+        return super::vm_migrate::run_migrating(args, addr, duration);
+    }
     signals::install_stop_handler();
     let mut monitor = Monitor::new(args.json);
     let (mut vm, workload) = start_vm(args)?;

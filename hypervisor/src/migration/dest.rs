@@ -1,0 +1,510 @@
+//! The receiving side: one migration at a time, strangers and second sources refused.
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use super::frame::read_frame;
+use super::messages::{
+    recv, send, Hello, Message, MAX_PAGES_PER_FRAME, PAGE_SIZE, PROTOCOL_VERSION,
+};
+use super::source::hash_memory;
+use super::vm::MigratableVm;
+use super::MigrationError;
+
+/// How the destination accepts migrations.
+#[derive(Debug, Clone)]
+pub struct ReceiveConfig {
+    /// Token a source must present (empty = none required).
+    pub token: String,
+    /// CPU feature words this host offers; the guest's words must be a subset.
+    pub cpu_features: Vec<u32>,
+    /// Give up waiting for a source after this long (None = wait forever).
+    pub accept_timeout: Option<Duration>,
+    /// Timeout for each step once a migration runs.
+    pub io_timeout: Duration,
+}
+
+impl Default for ReceiveConfig {
+    fn default() -> Self {
+        ReceiveConfig {
+            token: String::new(),
+            cpu_features: Vec::new(),
+            accept_timeout: None,
+            io_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// What the destination learned while receiving.
+#[derive(Debug, Clone, Default)]
+pub struct ReceiveStats {
+    pub pages_received: u64,
+    pub zero_pages: u64,
+    pub bytes_received: u64,
+    /// From Complete to ImageReady (applying the last pages, hashing if asked).
+    pub image_ready_after: Duration,
+    /// From Resume to Resumed.
+    pub resume_took: Duration,
+}
+
+enum Incoming {
+    Control(TcpStream, Hello),
+    Join {
+        stream: TcpStream,
+        session: u64,
+        index: u16,
+        token: String,
+    },
+}
+
+/// Wait for one migration on `listener` and receive it. `make_vm` builds (and pre-faults) a
+/// paused VM for the source's spec, or explains why it cannot. Sources that fail the
+/// handshake are refused and waiting continues; a failure after acceptance returns the error.
+pub fn receive<V, F>(
+    listener: &TcpListener,
+    cfg: &ReceiveConfig,
+    mut make_vm: F,
+) -> Result<(V, ReceiveStats), MigrationError>
+where
+    V: MigratableVm,
+    F: FnMut(&Hello) -> Result<V, String>,
+{
+    let busy = Arc::new(AtomicBool::new(false));
+    let stop = Arc::new(AtomicBool::new(false));
+    let (tx, rx) = mpsc::channel();
+    let acceptor = {
+        let listener = listener.try_clone()?;
+        let (busy, stop) = (busy.clone(), stop.clone());
+        std::thread::spawn(move || accept_loop(listener, tx, busy, stop))
+    };
+    let result = receive_inner(cfg, &rx, &busy, &mut make_vm);
+    stop.store(true, Ordering::SeqCst);
+    // Wake the acceptor out of accept().
+    if let Ok(addr) = listener.local_addr() {
+        let _ = TcpStream::connect_timeout(&addr, Duration::from_secs(1));
+    }
+    let _ = acceptor.join();
+    result
+}
+
+fn accept_loop(
+    listener: TcpListener,
+    tx: Sender<Incoming>,
+    busy: Arc<AtomicBool>,
+    stop: Arc<AtomicBool>,
+) {
+    for conn in listener.incoming() {
+        if stop.load(Ordering::SeqCst) {
+            return;
+        }
+        let Ok(mut stream) = conn else { continue };
+        let (tx, busy) = (tx.clone(), busy.clone());
+        std::thread::spawn(move || {
+            let _ = stream.set_read_timeout(Some(Duration::from_secs(10)));
+            let _ = stream.set_nodelay(true);
+            match recv(&mut stream) {
+                Ok(Message::Hello(h)) => {
+                    if busy.swap(true, Ordering::SeqCst) {
+                        let reason =
+                            "another migration is in progress on this destination".to_string();
+                        let _ = send(&mut stream, &Message::Refuse { reason });
+                    } else {
+                        let _ = tx.send(Incoming::Control(stream, h));
+                    }
+                }
+                Ok(Message::Join {
+                    session,
+                    stream: index,
+                    token,
+                }) => {
+                    let _ = tx.send(Incoming::Join {
+                        stream,
+                        session,
+                        index,
+                        token,
+                    });
+                }
+                Ok(other) => {
+                    let reason = format!("expected Hello or Join, got {}", other.name());
+                    let _ = send(&mut stream, &Message::Refuse { reason });
+                }
+                Err(e) => tracing::warn!(error = %e, "dropping a bad connection"),
+            }
+        });
+    }
+}
+
+fn receive_inner<V, F>(
+    cfg: &ReceiveConfig,
+    rx: &Receiver<Incoming>,
+    busy: &AtomicBool,
+    make_vm: &mut F,
+) -> Result<(V, ReceiveStats), MigrationError>
+where
+    V: MigratableVm,
+    F: FnMut(&Hello) -> Result<V, String>,
+{
+    let deadline = cfg.accept_timeout.map(|t| Instant::now() + t);
+    loop {
+        let wait = deadline
+            .map(|d| d.saturating_duration_since(Instant::now()))
+            .unwrap_or(Duration::from_secs(3600));
+        let (mut control, hello) = match rx.recv_timeout(wait) {
+            Ok(Incoming::Control(s, h)) => (s, h),
+            Ok(Incoming::Join { mut stream, .. }) => {
+                let _ = send(
+                    &mut stream,
+                    &Message::Refuse {
+                        reason: "no migration in progress".into(),
+                    },
+                );
+                continue;
+            }
+            Err(RecvTimeoutError::Timeout) if deadline.is_some() => {
+                return Err(MigrationError::Timeout("no migration arrived".into()))
+            }
+            Err(RecvTimeoutError::Timeout) => continue,
+            Err(RecvTimeoutError::Disconnected) => return Err(MigrationError::PeerClosed),
+        };
+        let vm = match check_hello(cfg, &hello).and_then(|()| make_vm(&hello)) {
+            Ok(vm) => vm,
+            Err(reason) => {
+                tracing::warn!(%reason, "refusing a migration");
+                let _ = send(&mut control, &Message::Refuse { reason });
+                busy.store(false, Ordering::SeqCst);
+                continue;
+            }
+        };
+        let session = session_id();
+        control.set_read_timeout(Some(cfg.io_timeout))?;
+        send(&mut control, &Message::Welcome { session })?;
+        let result = run_session(cfg, rx, &vm, control, &hello, session);
+        return result.map(|stats| (vm, stats));
+    }
+}
+
+fn check_hello(cfg: &ReceiveConfig, h: &Hello) -> Result<(), String> {
+    if h.version != PROTOCOL_VERSION {
+        return Err(format!(
+            "protocol version {} not supported (this destination speaks {PROTOCOL_VERSION})",
+            h.version
+        ));
+    }
+    if h.token != cfg.token {
+        return Err("authentication token rejected".into());
+    }
+    if h.spec.page_size as usize != PAGE_SIZE
+        || !h.spec.memory_bytes.is_multiple_of(PAGE_SIZE as u64)
+        || h.spec.memory_bytes == 0
+    {
+        return Err(format!(
+            "unsupported memory layout: {} bytes in {} byte pages",
+            h.spec.memory_bytes, h.spec.page_size
+        ));
+    }
+    if h.streams == 0 || h.streams > 64 {
+        return Err(format!("{} streams requested (1..=64 allowed)", h.streams));
+    }
+    let missing: Vec<String> = h
+        .cpu_features
+        .iter()
+        .enumerate()
+        .filter_map(|(i, want)| {
+            let have = cfg.cpu_features.get(i).copied().unwrap_or(0);
+            (want & !have != 0).then(|| format!("word {i}: {:#010x}", want & !have))
+        })
+        .collect();
+    if !missing.is_empty() {
+        return Err(format!(
+            "destination CPU lacks features the guest uses ({})",
+            missing.join(", ")
+        ));
+    }
+    Ok(())
+}
+
+fn session_id() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(Instant::now().elapsed().as_nanos());
+    h.finish()
+}
+
+/// Events from the data stream readers to the control loop.
+enum StreamEvent {
+    Flushed { index: u16, epoch: u64 },
+    Failed(MigrationError),
+}
+
+fn run_session<V: MigratableVm>(
+    cfg: &ReceiveConfig,
+    rx: &Receiver<Incoming>,
+    vm: &V,
+    mut control: TcpStream,
+    hello: &Hello,
+    session: u64,
+) -> Result<ReceiveStats, MigrationError> {
+    // Collect the data streams.
+    let mut streams: Vec<Option<TcpStream>> = (0..hello.streams).map(|_| None).collect();
+    let join_deadline = Instant::now() + cfg.io_timeout;
+    while streams.iter().any(Option::is_none) {
+        match rx.recv_timeout(join_deadline.saturating_duration_since(Instant::now())) {
+            Ok(Incoming::Join {
+                mut stream,
+                session: s,
+                index,
+                token,
+            }) => {
+                let slot = streams.get_mut(index as usize);
+                match slot {
+                    Some(slot @ None) if s == session && token == cfg.token => {
+                        stream.set_read_timeout(Some(cfg.io_timeout))?;
+                        *slot = Some(stream);
+                    }
+                    _ => {
+                        let _ = send(
+                            &mut stream,
+                            &Message::Refuse {
+                                reason: "unknown session or stream".into(),
+                            },
+                        );
+                    }
+                }
+            }
+            Ok(Incoming::Control(..)) => {} // cannot happen: the acceptor refuses while busy
+            Err(_) => {
+                return Err(MigrationError::Timeout(
+                    "data streams did not all join".into(),
+                ))
+            }
+        }
+    }
+    let streams: Vec<TcpStream> = streams.into_iter().flatten().collect();
+    let counters = Mutex::new(ReceiveStats::default());
+    let (etx, erx) = mpsc::channel();
+    std::thread::scope(|scope| {
+        for (index, stream) in streams.iter().enumerate() {
+            let (etx, counters, control) = (etx.clone(), &counters, control.try_clone());
+            scope.spawn(move || {
+                let mut stream = stream;
+                if let Err(e) = read_stream(vm, &mut stream, index as u16, &etx, counters) {
+                    let _ = etx.send(StreamEvent::Failed(e));
+                    // Wake the control loop, which may be blocked reading.
+                    if let Ok(c) = control {
+                        let _ = c.shutdown(Shutdown::Both);
+                    }
+                }
+            });
+        }
+        drop(etx);
+        let result = control_loop(vm, &mut control, &erx, streams.len(), &counters);
+        if let Err(e) = &result {
+            let _ = send(
+                &mut control,
+                &Message::Abort {
+                    reason: e.to_string(),
+                },
+            );
+        }
+        // Release the readers in every case.
+        for s in &streams {
+            let _ = s.shutdown(Shutdown::Both);
+        }
+        // A stream failure that woke us explains the control error better.
+        result.map_err(|e| match erx.try_recv() {
+            Ok(StreamEvent::Failed(first)) => first,
+            _ => e,
+        })
+    })?;
+    Ok(counters.into_inner().unwrap_or_else(|p| p.into_inner()))
+}
+
+fn control_loop<V: MigratableVm>(
+    vm: &V,
+    control: &mut TcpStream,
+    erx: &Receiver<StreamEvent>,
+    nstreams: usize,
+    counters: &Mutex<ReceiveStats>,
+) -> Result<(), MigrationError> {
+    let mut state = None;
+    let mut flushed = vec![0u64; nstreams];
+    loop {
+        wait_for_control(control, counters)?;
+        match recv(control)? {
+            Message::DeviceState(s) => state = Some(s),
+            Message::Complete { epoch, want_hash } => {
+                let t = Instant::now();
+                while flushed.iter().any(|e| *e < epoch) {
+                    match erx.recv_timeout(Duration::from_secs(30)) {
+                        Ok(StreamEvent::Flushed { index, epoch }) => {
+                            flushed[index as usize] = epoch
+                        }
+                        Ok(StreamEvent::Failed(e)) => return Err(e),
+                        Err(_) => {
+                            return Err(MigrationError::Timeout(
+                                "data streams did not deliver the final pages".into(),
+                            ))
+                        }
+                    }
+                }
+                if state.is_none() {
+                    return Err(MigrationError::Protocol(
+                        "Complete before DeviceState".into(),
+                    ));
+                }
+                let hash = if want_hash { hash_memory(vm)? } else { 0 };
+                lock(counters).image_ready_after = t.elapsed();
+                send(control, &Message::ImageReady { hash })?;
+            }
+            Message::Resume => {
+                let t = Instant::now();
+                let s = state
+                    .as_deref()
+                    .ok_or_else(|| MigrationError::Protocol("Resume before DeviceState".into()))?;
+                vm.restore_state(s).map_err(|e| MigrationError::Vm(e.0))?;
+                vm.resume().map_err(|e| MigrationError::Vm(e.0))?;
+                lock(counters).resume_took = t.elapsed();
+                send(control, &Message::Resumed)?;
+                return Ok(());
+            }
+            Message::Abort { reason } => {
+                return Err(MigrationError::Refused(format!("source aborted: {reason}")))
+            }
+            other => {
+                return Err(MigrationError::Protocol(format!(
+                    "unexpected {} on the control stream",
+                    other.name()
+                )))
+            }
+        }
+        // Keep flush bookkeeping current without blocking.
+        while let Ok(ev) = erx.try_recv() {
+            match ev {
+                StreamEvent::Flushed { index, epoch } => flushed[index as usize] = epoch,
+                StreamEvent::Failed(e) => return Err(e),
+            }
+        }
+    }
+}
+
+/// Wait until the control stream has data. Pre-copy can keep it quiet for long; that is fine
+/// while the data streams make progress, and a timeout once they stall too.
+fn wait_for_control(
+    control: &TcpStream,
+    counters: &Mutex<ReceiveStats>,
+) -> Result<(), MigrationError> {
+    let timeout = control.read_timeout()?.unwrap_or(Duration::from_secs(30));
+    let mut last = lock(counters).bytes_received;
+    let mut idle_since = Instant::now();
+    control.set_read_timeout(Some(Duration::from_millis(500)))?;
+    let result = loop {
+        match control.peek(&mut [0u8; 1]) {
+            Ok(_) => break Ok(()),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                let now = lock(counters).bytes_received;
+                if now != last {
+                    last = now;
+                    idle_since = Instant::now();
+                } else if idle_since.elapsed() > timeout {
+                    break Err(MigrationError::Timeout("the source went quiet".into()));
+                }
+            }
+            Err(e) => break Err(e.into()),
+        }
+    };
+    control.set_read_timeout(Some(timeout))?;
+    result
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Apply one data stream to guest memory until it ends.
+fn read_stream<V: MigratableVm>(
+    vm: &V,
+    stream: &mut &TcpStream,
+    index: u16,
+    events: &Sender<StreamEvent>,
+    counters: &Mutex<ReceiveStats>,
+) -> Result<(), MigrationError> {
+    let zero = vec![0u8; PAGE_SIZE];
+    let pages = vm.memory_bytes() / PAGE_SIZE as u64;
+    let check = |pfn: u64| {
+        if pfn >= pages {
+            Err(MigrationError::Protocol(format!(
+                "page {pfn} is outside guest memory ({pages} pages)"
+            )))
+        } else {
+            Ok(())
+        }
+    };
+    while let Some(frame) = read_frame(stream)? {
+        let bytes = frame.payload.len() as u64 + 16;
+        if frame.kind == Message::Pages(Vec::new()).encode().0 {
+            // Apply straight from the payload, without building a message.
+            let p = &frame.payload;
+            let n = p
+                .get(0..4)
+                .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize)
+                .unwrap_or(usize::MAX);
+            if n > MAX_PAGES_PER_FRAME || p.len() != 4 + n * (8 + PAGE_SIZE) {
+                return Err(MigrationError::Protocol(
+                    "page batch count does not match its frame".into(),
+                ));
+            }
+            for entry in p[4..].chunks_exact(8 + PAGE_SIZE) {
+                let mut a = [0u8; 8];
+                a.copy_from_slice(&entry[..8]);
+                let pfn = u64::from_le_bytes(a);
+                check(pfn)?;
+                vm.write_page(pfn, &entry[8..])
+                    .map_err(|e| MigrationError::Vm(e.0))?;
+            }
+            let mut c = lock(counters);
+            c.pages_received += n as u64;
+            c.bytes_received += bytes;
+            continue;
+        }
+        match Message::decode(frame.kind, &frame.payload)? {
+            Message::Zeros(runs) => {
+                let mut count = 0u64;
+                for (start, n) in runs {
+                    let end = start
+                        .checked_add(n as u64)
+                        .ok_or_else(|| MigrationError::Protocol("zero run overflows".into()))?;
+                    if end > pages {
+                        return Err(MigrationError::Protocol(format!(
+                            "zero run {start}+{n} is outside guest memory"
+                        )));
+                    }
+                    for pfn in start..end {
+                        vm.write_page(pfn, &zero)
+                            .map_err(|e| MigrationError::Vm(e.0))?;
+                    }
+                    count += n as u64;
+                }
+                let mut c = lock(counters);
+                c.zero_pages += count;
+                c.bytes_received += bytes;
+            }
+            Message::Flush { epoch } => {
+                let _ = events.send(StreamEvent::Flushed { index, epoch });
+            }
+            other => {
+                return Err(MigrationError::Protocol(format!(
+                    "unexpected {} on a data stream",
+                    other.name()
+                )))
+            }
+        }
+    }
+    Ok(())
+}
