@@ -1,0 +1,208 @@
+//! A what-if copy of host contents used while a policy plans (VMs tentatively added to and
+//! removed from hosts), with CloudSim's power-aware best-fit decreasing placement.
+use crate::cluster::Cluster;
+use crate::policy::Move;
+
+pub struct Plan<'c, 'f> {
+    pub c: &'c Cluster<'f>,
+    pub members: Vec<Vec<usize>>,
+    ram_used: Vec<u64>,
+    bw_used: Vec<f64>,
+    /// Utilisation measured at the last update; planning does not change it.
+    pub util_field: Vec<f64>,
+    /// At initial placement, VMs already placed ask for nothing yet (as in CloudSim).
+    pub placed_ask_nothing: bool,
+    pub safety: f64,
+    pub static_threshold: f64,
+    pub window: usize,
+}
+
+pub struct HostCpu {
+    /// MIPS allocated, counting a VM migrating in at its full share.
+    pub used: f64,
+    pub available: f64,
+}
+
+impl<'c, 'f> Plan<'c, 'f> {
+    pub fn new(c: &'c Cluster<'f>) -> Self {
+        Plan {
+            c,
+            members: c.hosts.iter().map(|h| h.vms.clone()).collect(),
+            ram_used: c.hosts.iter().map(|h| h.ram_used).collect(),
+            bw_used: c.hosts.iter().map(|h| h.bw_used).collect(),
+            util_field: (0..c.hosts.len()).map(|h| c.utilization(h)).collect(),
+            placed_ask_nothing: false,
+            safety: 1.2,
+            static_threshold: 0.7,
+            window: 10,
+        }
+    }
+
+    pub fn create(&mut self, h: usize, v: usize) {
+        let vs = self.c.vm_spec(v);
+        self.members[h].push(v);
+        self.ram_used[h] += vs.ram_mb;
+        self.bw_used[h] += vs.bw_mbps;
+    }
+
+    pub fn destroy(&mut self, h: usize, v: usize) {
+        if let Some(p) = self.members[h].iter().position(|&x| x == v) {
+            let vs = self.c.vm_spec(v);
+            self.members[h].remove(p);
+            self.ram_used[h] -= vs.ram_mb;
+            self.bw_used[h] -= vs.bw_mbps;
+        }
+    }
+
+    /// CPU allocation of host `h` with its planned members (time-shared, over-subscribed).
+    pub fn cpu(&self, h: usize) -> HostCpu {
+        let spec = self.c.host_spec(h);
+        let cap = spec.total_mips();
+        let capped = |v: usize| {
+            let vs = self.c.vm_spec(v);
+            (self.c.vms[v].req_mips / vs.pes as f64).min(spec.pe_mips)
+        };
+        let mut required = 0.0;
+        for &v in &self.members[h] {
+            let r = capped(v) * self.c.vm_spec(v).pes as f64;
+            required += if self.c.vms[v].dest == Some(h) { r * 0.1 } else { r };
+        }
+        let scale = if required > cap { Some(cap / required) } else { None };
+        let mut used = 0.0;
+        for &v in &self.members[h] {
+            let incoming = self.c.vms[v].dest == Some(h);
+            let outgoing = self.c.vms[v].dest.is_some() && !incoming;
+            let f = if outgoing {
+                0.9
+            } else if incoming {
+                0.1
+            } else {
+                1.0
+            };
+            let mut per_pe = capped(v) * f;
+            if let Some(s) = scale {
+                per_pe = (per_pe * s).floor();
+            }
+            let a = per_pe * self.c.vm_spec(v).pes as f64;
+            used += a;
+            if incoming {
+                used += a * 0.9 / 0.1;
+            }
+        }
+        HostCpu { used, available: if scale.is_some() { 0.0 } else { cap - required } }
+    }
+
+    /// May `v` go to `h` at all: usable, one core big enough, CPU, memory and bandwidth left.
+    pub fn suitable(&self, h: usize, v: usize) -> bool {
+        let (hs, hr, vs) = (self.c.host_spec(h), &self.c.hosts[h], self.c.vm_spec(v));
+        let req = self.c.vms[v].req_mips;
+        hr.up
+            && !hr.maintenance
+            && hs.pe_mips >= req / vs.pes as f64
+            && self.cpu(h).available >= req
+            && self.ram_used[h] + vs.ram_mb <= hs.ram_mb
+            && self.bw_used[h] + vs.bw_mbps <= hs.bw_mbps + 1e-9
+    }
+
+    /// Host demand history (most recent first) from its members' histories, zero tail trimmed.
+    fn history(&self, h: usize, extra: Option<usize>) -> Vec<f64> {
+        let host_mips = self.c.host_spec(h).total_mips();
+        let mut out = vec![0.0; self.c.history_len];
+        for v in self.members[h].iter().copied().chain(extra) {
+            let w = self.c.vm_spec(v).mips / host_mips;
+            for (i, u) in self.c.vms[v].history.iter().enumerate() {
+                out[i] += u * w;
+            }
+        }
+        while out.last() == Some(&0.0) {
+            out.pop();
+        }
+        out
+    }
+
+    /// Local-regression overload detection (LR, safety 1.2), static threshold while the
+    /// history is shorter than the window.
+    pub fn overloaded(&self, h: usize, extra: Option<usize>) -> bool {
+        let hist = self.history(h, extra);
+        let spec = self.c.host_spec(h);
+        if hist.len() < self.window {
+            let asked: f64 = if self.placed_ask_nothing {
+                extra.map(|v| self.c.vms[v].req_mips).unwrap_or(0.0)
+            } else {
+                self.members[h].iter().copied().chain(extra).map(|v| self.c.vms[v].req_mips).sum()
+            };
+            return asked / spec.total_mips() > self.static_threshold;
+        }
+        let n = self.window;
+        // Oldest first, x = 1..=n. CloudSim's "loess" weights end up unused (all non-zero), so
+        // this is ordinary least squares, as in the reference runs.
+        let (mut sx, mut sy, mut sxx, mut sxy) = (0.0, 0.0, 0.0, 0.0);
+        for j in 0..n {
+            let x = (j + 1) as f64;
+            let y = hist[n - 1 - j];
+            sx += x;
+            sy += y;
+            sxx += x * x;
+            sxy += x * y;
+        }
+        let nf = n as f64;
+        let slope = (sxy - sx * sy / nf) / (sxx - sx * sx / nf);
+        let intercept = (sy - slope * sx) / nf;
+        let max_ram = self.members[h].iter().copied().chain(extra).map(|v| self.c.vm_spec(v).ram_mb).max().unwrap_or(0) as f64;
+        let mig_s = self.c.fleet.migration.cost(max_ram, 0.0, spec.bw_mbps).total_s;
+        let intervals = (mig_s / self.c.fleet.interval_s).ceil();
+        let predicted = (intercept + slope * (nf + intervals)) * self.safety;
+        predicted >= 1.0
+    }
+
+    /// Power-aware best fit: the allowed host whose power rises least by taking `v`.
+    pub fn find_host(&self, v: usize, excluded: &[bool]) -> Option<usize> {
+        let mut best = f64::MAX;
+        let mut found = None;
+        let req = self.c.vms[v].req_mips;
+        for h in 0..self.members.len() {
+            if excluded[h] || !self.suitable(h, v) {
+                continue;
+            }
+            let spec = self.c.host_spec(h);
+            let used = self.cpu(h).used;
+            let after = (used + req) / spec.total_mips();
+            if after > 1.0 + 1e-12 {
+                continue;
+            }
+            let diff = spec.power.watts_at(after) - spec.power.watts_at(self.util_field[h]);
+            if diff >= best {
+                continue;
+            }
+            if used != 0.0 && self.overloaded(h, Some(v)) {
+                continue;
+            }
+            best = diff;
+            found = Some(h);
+        }
+        found
+    }
+
+    /// Places `vms` (sorted by demand, highest first) with power-aware best fit.
+    pub fn place_sorted(&mut self, vms: &mut Vec<usize>, excluded: &[bool], all_or_nothing: bool) -> Vec<Move> {
+        let c = self.c;
+        vms.sort_by(|&a, &b| c.vms[b].req_mips.total_cmp(&c.vms[a].req_mips));
+        let mut moves = Vec::new();
+        for &v in vms.iter() {
+            match self.find_host(v, excluded) {
+                Some(h) => {
+                    self.create(h, v);
+                    moves.push(Move { vm: v, to: h });
+                }
+                None if all_or_nothing => {
+                    for m in &moves {
+                        self.destroy(m.to, m.vm);
+                    }
+                    return Vec::new();
+                }
+                None => {}
+            }
+        }
+        moves
+    }
+}
