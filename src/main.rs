@@ -9,7 +9,11 @@ mod cmd;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "tern", version, about = "Live migration and cluster balancing for KVM hosts")]
+#[command(
+    name = "tern",
+    version,
+    about = "Live migration and cluster balancing for KVM hosts"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

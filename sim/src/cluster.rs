@@ -45,7 +45,15 @@ impl<'f> Cluster<'f> {
         let hosts = fleet
             .hosts
             .iter()
-            .map(|_| HostRt { vms: Vec::new(), ram_used: 0, bw_used: 0.0, util_mips: 0.0, req_mips: 0.0, up: true, maintenance: false })
+            .map(|_| HostRt {
+                vms: Vec::new(),
+                ram_used: 0,
+                bw_used: 0.0,
+                util_mips: 0.0,
+                req_mips: 0.0,
+                up: true,
+                maintenance: false,
+            })
             .collect();
         let vms = fleet
             .vms
@@ -60,7 +68,12 @@ impl<'f> Cluster<'f> {
                 history: VecDeque::with_capacity(history_len),
             })
             .collect();
-        Cluster { fleet, hosts, vms, history_len }
+        Cluster {
+            fleet,
+            hosts,
+            vms,
+            history_len,
+        }
     }
 
     pub fn host_spec(&self, h: usize) -> &HostSpec {
@@ -73,7 +86,11 @@ impl<'f> Cluster<'f> {
     /// Can host `h` take VM `v` now: up, not in maintenance, memory and bandwidth left.
     pub fn has_room(&self, h: usize, v: usize) -> bool {
         let (hs, hr, vs) = (&self.fleet.hosts[h], &self.hosts[h], &self.fleet.vms[v]);
-        hr.up && !hr.maintenance && hr.ram_used + vs.ram_mb <= hs.ram_mb && hr.bw_used + vs.bw_mbps <= hs.bw_mbps + 1e-9
+        hr.up
+            && !hr.maintenance
+            && (self.fleet.cloudsim_ram
+                || hr.ram_used + vs.ram_mb <= hs.ram_mb
+                    && hr.bw_used + vs.bw_mbps <= hs.bw_mbps + 1e-9)
     }
 
     /// Puts `v` on `h` (initial placement, restart, or the destination side of a migration).
@@ -110,7 +127,11 @@ impl<'f> Cluster<'f> {
             }
             required += r;
         }
-        let scale = if required > cap { Some(cap / required) } else { None };
+        let scale = if required > cap {
+            Some(cap / required)
+        } else {
+            None
+        };
         let (mut used, mut requested) = (0.0, 0.0);
         for i in 0..self.hosts[h].vms.len() {
             let v = self.hosts[h].vms[i];

@@ -44,11 +44,25 @@ pub struct Engine<'f> {
 }
 
 /// Runs `fleet` under `policy`. `progress(done, total)` is called after each tick.
-pub fn run(fleet: &Fleet, policy: &mut dyn Policy, seed: u64, progress: &mut dyn FnMut(u64, u64)) -> Result<Report> {
+pub fn run(
+    fleet: &Fleet,
+    policy: &mut dyn Policy,
+    seed: u64,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<Report> {
     if !(fleet.interval_s > 0.0) || !(fleet.duration_s > 0.0) {
-        return Err(SimError::Invalid("interval and duration must be positive".into()));
+        return Err(SimError::Invalid(
+            "interval and duration must be positive".into(),
+        ));
     }
-    let mut e = Engine { c: Cluster::new(fleet, policy.history_len()), acc: Accum::default(), last_t: 0.0, inflight: BinaryHeap::new(), seq: 0, timeline: Vec::new() };
+    let mut e = Engine {
+        c: Cluster::new(fleet, policy.history_len()),
+        acc: Accum::default(),
+        last_t: 0.0,
+        inflight: BinaryHeap::new(),
+        seq: 0,
+        timeline: Vec::new(),
+    };
     let placement = policy.initial_placement(&e.c);
     for (v, h) in placement.into_iter().enumerate() {
         match h {
@@ -69,7 +83,12 @@ pub fn run(fleet: &Fleet, policy: &mut dyn Policy, seed: u64, progress: &mut dyn
         e.update_all(t, true);
         e.sample(t);
         for h in 0..e.c.hosts.len() {
-            if e.c.hosts[h].maintenance && e.c.hosts[h].vms.iter().any(|&v| e.c.vms[v].host == Some(h) && e.c.vms[v].dest.is_none()) {
+            if e.c.hosts[h].maintenance
+                && e.c.hosts[h]
+                    .vms
+                    .iter()
+                    .any(|&v| e.c.vms[v].host == Some(h) && e.c.vms[v].dest.is_none())
+            {
                 let moves = policy.evacuate(&e.c, h);
                 e.start(&moves, t);
             }
@@ -79,12 +98,25 @@ pub fn run(fleet: &Fleet, policy: &mut dyn Policy, seed: u64, progress: &mut dyn
         progress(k, ticks);
     }
     e.drain_until(fleet.duration_s, &events, &mut next_event, policy);
-    Ok(e.acc.report(&policy.name(), fleet.hosts.len(), fleet.vms.len(), fleet.duration_s, seed, e.timeline))
+    Ok(e.acc.report(
+        &policy.name(),
+        fleet.hosts.len(),
+        fleet.vms.len(),
+        fleet.duration_s,
+        seed,
+        e.timeline,
+    ))
 }
 
 impl<'f> Engine<'f> {
     /// Processes migration completions and host events strictly before `t`.
-    fn drain_until(&mut self, t: f64, events: &[crate::fleet::HostEvent], next: &mut usize, policy: &mut dyn Policy) {
+    fn drain_until(
+        &mut self,
+        t: f64,
+        events: &[crate::fleet::HostEvent],
+        next: &mut usize,
+        policy: &mut dyn Policy,
+    ) {
         loop {
             let mig = self.inflight.peek().map(|m| m.at).filter(|&a| a < t);
             let ev = events.get(*next).map(|e| e.at_s).filter(|&a| a < t);
@@ -122,7 +154,12 @@ impl<'f> Engine<'f> {
         self.update_all(at, false);
     }
 
-    fn host_event(&mut self, ev: &crate::fleet::HostEvent, policy: &mut dyn Policy, next: &mut usize) {
+    fn host_event(
+        &mut self,
+        ev: &crate::fleet::HostEvent,
+        policy: &mut dyn Policy,
+        next: &mut usize,
+    ) {
         *next += 1;
         let (h, t) = (ev.host, ev.at_s);
         self.update_all(t, false);
@@ -169,7 +206,10 @@ impl<'f> Engine<'f> {
     fn start(&mut self, moves: &[Move], t: f64) {
         for m in moves {
             let vm = &self.c.vms[m.vm];
-            let ok = vm.dest.is_none() && vm.host.is_some() && vm.host != Some(m.to) && self.c.has_room(m.to, m.vm);
+            let ok = vm.dest.is_none()
+                && vm.host.is_some()
+                && vm.host != Some(m.to)
+                && self.c.has_room(m.to, m.vm);
             if !ok {
                 self.acc.rejected_moves += 1;
                 continue;
@@ -177,12 +217,25 @@ impl<'f> Engine<'f> {
             let src = vm.host.unwrap_or(m.to);
             let vs = self.c.vm_spec(m.vm);
             let demand = vm.req_mips / vs.total_mips();
-            let link = self.c.host_spec(src).bw_mbps.min(self.c.host_spec(m.to).bw_mbps);
-            let cost = self.c.fleet.migration.cost(vs.ram_mb as f64, vs.dirty_mb_s * demand, link);
+            let link = self
+                .c
+                .host_spec(src)
+                .bw_mbps
+                .min(self.c.host_spec(m.to).bw_mbps);
+            let cost = self
+                .c
+                .fleet
+                .migration
+                .cost(vs.ram_mb as f64, vs.dirty_mb_s * demand, link);
             self.c.attach(m.vm, m.to);
             self.c.vms[m.vm].dest = Some(m.to);
             self.seq += 1;
-            self.inflight.push(Completion { at: t + cost.total_s, seq: self.seq, vm: m.vm, to: m.to });
+            self.inflight.push(Completion {
+                at: t + cost.total_s,
+                seq: self.seq,
+                vm: m.vm,
+                to: m.to,
+            });
             self.acc.migrations += 1;
             self.acc.bytes_moved += cost.bytes;
             self.acc.downtimes_s.push(cost.downtime_s);
@@ -267,7 +320,11 @@ impl<'f> Engine<'f> {
             load: if cap > 0.0 { demand / cap } else { 0.0 },
             imbalance: var.sqrt(),
             active_hosts: active,
-            unmet: if demand > 0.0 { (demand - served) / demand } else { 0.0 },
+            unmet: if demand > 0.0 {
+                (demand - served) / demand
+            } else {
+                0.0
+            },
         });
     }
 }

@@ -63,17 +63,23 @@ pub struct Fleet {
     pub duration_s: f64,
     pub migration: MigrationModel,
     pub events: Vec<HostEvent>,
+    /// CloudSim compatibility: memory and bandwidth are reserved at creation only, later
+    /// placements ignore them (CloudSim's PlanetLab VMs ask for 0 RAM once running).
+    pub cloudsim_ram: bool,
 }
 
 /// The four VM types of the PlanetLab setup (MIPS, RAM MB), by contiguous quarters of the list.
-pub const PLANETLAB_VM_TYPES: [(f64, u64); 4] = [(2500.0, 870), (2000.0, 1740), (1000.0, 1740), (500.0, 613)];
+pub const PLANETLAB_VM_TYPES: [(f64, u64); 4] =
+    [(2500.0, 870), (2000.0, 1740), (1000.0, 1740), (500.0, 613)];
 
 impl Fleet {
     /// Beloglazov & Buyya 2012 as CloudSim codes it: `hosts` alternating ML110 G4/G5, one VM
     /// per trace, types by quarters of the list unless `types` gives one per VM.
     pub fn planetlab(traces: Vec<Trace>, types: &[Option<usize>], hosts: usize) -> Result<Fleet> {
         if traces.is_empty() || hosts == 0 {
-            return Err(SimError::Invalid("need at least one trace and one host".into()));
+            return Err(SimError::Invalid(
+                "need at least one trace and one host".into(),
+            ));
         }
         let hosts = (0..hosts)
             .map(|i| {
@@ -83,7 +89,11 @@ impl Fleet {
                     pe_mips: if g5 { 2660.0 } else { 1860.0 },
                     ram_mb: 4096,
                     bw_mbps: 1000.0,
-                    power: if g5 { PowerModel::ML110_G5 } else { PowerModel::ML110_G4 },
+                    power: if g5 {
+                        PowerModel::ML110_G5
+                    } else {
+                        PowerModel::ML110_G4
+                    },
                 }
             })
             .collect();
@@ -92,9 +102,21 @@ impl Fleet {
             .into_iter()
             .enumerate()
             .map(|(i, t)| {
-                let ty = types.get(i).copied().flatten().unwrap_or(i / quarter).min(3);
+                let ty = types
+                    .get(i)
+                    .copied()
+                    .flatten()
+                    .unwrap_or(i / quarter)
+                    .min(3);
                 let (mips, ram_mb) = PLANETLAB_VM_TYPES[ty];
-                VmSpec { pes: 1, mips, ram_mb, bw_mbps: 100.0, dirty_mb_s: 0.0, workload: t.workload }
+                VmSpec {
+                    pes: 1,
+                    mips,
+                    ram_mb,
+                    bw_mbps: 100.0,
+                    dirty_mb_s: 0.0,
+                    workload: t.workload,
+                }
             })
             .collect();
         Ok(Fleet {
@@ -104,6 +126,7 @@ impl Fleet {
             duration_s: 86_400.0,
             migration: MigrationModel::cloudsim(),
             events: Vec::new(),
+            cloudsim_ram: false,
         })
     }
 
@@ -111,7 +134,9 @@ impl Fleet {
     /// four types with a mix of diurnal, bursty and random-walk demand, pre-copy migrations.
     pub fn synthetic(hosts: usize, vms: usize, days: f64, seed: u64) -> Result<Fleet> {
         if hosts == 0 || vms == 0 || !(days > 0.0) {
-            return Err(SimError::Invalid("synthetic fleet needs hosts, vms and days > 0".into()));
+            return Err(SimError::Invalid(
+                "synthetic fleet needs hosts, vms and days > 0".into(),
+            ));
         }
         let mut r = rng(seed);
         let interval_s = 300.0;
@@ -122,23 +147,51 @@ impl Fleet {
                 pe_mips: if i % 2 == 1 { 2660.0 } else { 1860.0 },
                 ram_mb: 32_768,
                 bw_mbps: 10_000.0,
-                power: if i % 2 == 1 { PowerModel::ML110_G5 } else { PowerModel::ML110_G4 },
+                power: if i % 2 == 1 {
+                    PowerModel::ML110_G5
+                } else {
+                    PowerModel::ML110_G4
+                },
             })
             .collect();
         let vms = (0..vms)
             .map(|i| {
                 let (mips, ram_mb) = PLANETLAB_VM_TYPES[i % 4];
-                VmSpec { pes: 1, mips, ram_mb, bw_mbps: 100.0, dirty_mb_s: 40.0, workload: Workload::synthetic(&mut r, interval_s, hours) }
+                VmSpec {
+                    pes: 1,
+                    mips,
+                    ram_mb,
+                    bw_mbps: 100.0,
+                    dirty_mb_s: 40.0,
+                    workload: Workload::synthetic(&mut r, interval_s, hours),
+                }
             })
             .collect();
-        Ok(Fleet { hosts, vms, interval_s, duration_s: days * 86_400.0, migration: MigrationModel::precopy(), events: Vec::new() })
+        Ok(Fleet {
+            hosts,
+            vms,
+            interval_s,
+            duration_s: days * 86_400.0,
+            migration: MigrationModel::precopy(),
+            events: Vec::new(),
+            cloudsim_ram: false,
+        })
     }
 
     /// A fleet from a TOML file (see docs/sim.md for the format).
     pub fn from_toml(path: &Path, seed: u64) -> Result<Fleet> {
-        let text = std::fs::read_to_string(path).map_err(|source| SimError::Io { path: path.to_path_buf(), source })?;
-        let cfg: FleetToml = toml::from_str(&text).map_err(|e| SimError::Config { path: path.to_path_buf(), msg: e.to_string() })?;
-        cfg.build(seed).map_err(|msg| SimError::Config { path: path.to_path_buf(), msg })
+        let text = std::fs::read_to_string(path).map_err(|source| SimError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let cfg: FleetToml = toml::from_str(&text).map_err(|e| SimError::Config {
+            path: path.to_path_buf(),
+            msg: e.to_string(),
+        })?;
+        cfg.build(seed).map_err(|msg| SimError::Config {
+            path: path.to_path_buf(),
+            msg,
+        })
     }
 }
 
@@ -211,7 +264,13 @@ impl FleetToml {
                 return Err("every [[host]] needs pes, pe_mips, ram_mb and bw_mbps > 0".into());
             }
             for _ in 0..g.count {
-                hosts.push(HostSpec { pes: g.pes, pe_mips: g.pe_mips, ram_mb: g.ram_mb, bw_mbps: g.bw_mbps, power: PowerModel { watts: g.power_w } });
+                hosts.push(HostSpec {
+                    pes: g.pes,
+                    pe_mips: g.pe_mips,
+                    ram_mb: g.ram_mb,
+                    bw_mbps: g.bw_mbps,
+                    power: PowerModel { watts: g.power_w },
+                });
             }
         }
         let mut vms = Vec::new();
@@ -225,9 +284,20 @@ impl FleetToml {
                     "bursty" => Workload::bursty(&mut r, self.interval_s),
                     "random_walk" => Workload::random_walk(&mut r, hours),
                     "mixed" => Workload::synthetic(&mut r, self.interval_s, hours),
-                    other => return Err(format!("unknown workload {other:?} (diurnal, bursty, random_walk, mixed)")),
+                    other => {
+                        return Err(format!(
+                            "unknown workload {other:?} (diurnal, bursty, random_walk, mixed)"
+                        ))
+                    }
                 };
-                vms.push(VmSpec { pes: g.pes, mips: g.mips, ram_mb: g.ram_mb, bw_mbps: g.bw_mbps, dirty_mb_s: g.dirty_mb_s, workload });
+                vms.push(VmSpec {
+                    pes: g.pes,
+                    mips: g.mips,
+                    ram_mb: g.ram_mb,
+                    bw_mbps: g.bw_mbps,
+                    dirty_mb_s: g.dirty_mb_s,
+                    workload,
+                });
             }
         }
         if hosts.is_empty() || vms.is_empty() {
@@ -235,7 +305,11 @@ impl FleetToml {
         }
         for e in &self.event {
             if e.host >= hosts.len() {
-                return Err(format!("event names host {} but there are {}", e.host, hosts.len()));
+                return Err(format!(
+                    "event names host {} but there are {}",
+                    e.host,
+                    hosts.len()
+                ));
             }
         }
         Ok(Fleet {
@@ -245,6 +319,7 @@ impl FleetToml {
             duration_s: self.days * 86_400.0,
             migration: self.migration.unwrap_or_else(MigrationModel::precopy),
             events: self.event,
+            cloudsim_ram: false,
         })
     }
 }

@@ -68,7 +68,15 @@ pub struct Report {
 }
 
 impl Accum {
-    pub fn report(mut self, policy: &str, hosts: usize, vms: usize, simulated_s: f64, seed: u64, timeline: Vec<TimePoint>) -> Report {
+    pub fn report(
+        mut self,
+        policy: &str,
+        hosts: usize,
+        vms: usize,
+        simulated_s: f64,
+        seed: u64,
+        timeline: Vec<TimePoint>,
+    ) -> Report {
         let slatah = ratio(self.host_short_s, self.host_active_s);
         let pdm = ratio(self.vm_short_in_migration, self.vm_requested);
         let energy_kwh = self.energy_j / 3.6e6;

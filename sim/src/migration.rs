@@ -9,7 +9,11 @@ pub enum MigrationModel {
     Cloudsim { bw_share: f64 },
     /// Iterative pre-copy: copy all memory, then what was dirtied meanwhile, until the rest
     /// fits the downtime target or `max_rounds` is reached; then pause and copy the rest.
-    Precopy { bw_share: f64, max_rounds: u32, downtime_target_s: f64 },
+    Precopy {
+        bw_share: f64,
+        max_rounds: u32,
+        downtime_target_s: f64,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -25,7 +29,11 @@ impl MigrationModel {
         MigrationModel::Cloudsim { bw_share: 0.5 }
     }
     pub fn precopy() -> Self {
-        MigrationModel::Precopy { bw_share: 0.5, max_rounds: 30, downtime_target_s: 0.3 }
+        MigrationModel::Precopy {
+            bw_share: 0.5,
+            max_rounds: 30,
+            downtime_target_s: 0.3,
+        }
     }
 
     /// Cost of moving `ram_mb` that dirties `dirty_mb_s` over a link of `link_mbps` (Mbit/s).
@@ -33,9 +41,18 @@ impl MigrationModel {
         match *self {
             MigrationModel::Cloudsim { bw_share } => {
                 let bw = link_mbps * bw_share / 8.0; // MB/s
-                MigrationCost { total_s: ram_mb / bw, downtime_s: 0.0, bytes: ram_mb * 1e6, rounds: 1 }
+                MigrationCost {
+                    total_s: ram_mb / bw,
+                    downtime_s: 0.0,
+                    bytes: ram_mb * 1e6,
+                    rounds: 1,
+                }
             }
-            MigrationModel::Precopy { bw_share, max_rounds, downtime_target_s } => {
+            MigrationModel::Precopy {
+                bw_share,
+                max_rounds,
+                downtime_target_s,
+            } => {
                 let bw = link_mbps * bw_share / 8.0;
                 let mut to_send = ram_mb;
                 let (mut total, mut sent, mut rounds) = (0.0, 0.0, 0);
@@ -47,7 +64,12 @@ impl MigrationModel {
                     to_send = (dirty_mb_s * t).min(ram_mb);
                 }
                 let downtime = to_send / bw;
-                MigrationCost { total_s: total + downtime, downtime_s: downtime, bytes: (sent + to_send) * 1e6, rounds: rounds + 1 }
+                MigrationCost {
+                    total_s: total + downtime,
+                    downtime_s: downtime,
+                    bytes: (sent + to_send) * 1e6,
+                    rounds: rounds + 1,
+                }
             }
         }
     }

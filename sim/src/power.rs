@@ -11,11 +11,15 @@ pub struct PowerModel {
 impl PowerModel {
     /// HP ProLiant ML110 G4 (Xeon 3040), as used by Beloglazov & Buyya 2012.
     pub const ML110_G4: PowerModel = PowerModel {
-        watts: [86.0, 89.4, 92.6, 96.0, 99.5, 102.0, 106.0, 108.0, 112.0, 114.0, 117.0],
+        watts: [
+            86.0, 89.4, 92.6, 96.0, 99.5, 102.0, 106.0, 108.0, 112.0, 114.0, 117.0,
+        ],
     };
     /// HP ProLiant ML110 G5 (Xeon 3075).
     pub const ML110_G5: PowerModel = PowerModel {
-        watts: [93.7, 97.0, 101.0, 105.0, 110.0, 116.0, 121.0, 125.0, 129.0, 133.0, 135.0],
+        watts: [
+            93.7, 97.0, 101.0, 105.0, 110.0, 116.0, 121.0, 125.0, 129.0, 133.0, 135.0,
+        ],
     };
 
     /// Power draw at `utilization` (0..=1, clamped) of a powered-on host.

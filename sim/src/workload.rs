@@ -9,11 +9,27 @@ use std::sync::Arc;
 #[derive(Debug, Clone)]
 pub enum Workload {
     /// Samples `interval_s` apart; linear in between, the last sample held afterwards.
-    Samples { samples: Arc<[f64]>, interval_s: f64 },
+    Samples {
+        samples: Arc<[f64]>,
+        interval_s: f64,
+    },
     /// Day/night sine around `base` with hash noise on every sample.
-    Diurnal { base: f32, amplitude: f32, phase: f32, noise: f32, seed: u64, interval_s: f64 },
+    Diurnal {
+        base: f32,
+        amplitude: f32,
+        phase: f32,
+        noise: f32,
+        seed: u64,
+        interval_s: f64,
+    },
     /// A quiet `base` with bursts to `peak` in a `burst_prob` share of the samples.
-    Bursty { base: f32, peak: f32, burst_prob: f32, seed: u64, interval_s: f64 },
+    Bursty {
+        base: f32,
+        peak: f32,
+        burst_prob: f32,
+        seed: u64,
+        interval_s: f64,
+    },
     /// A bounded random walk with hourly steps (stored as percent), linear in between.
     RandomWalk { hourly: Arc<[u8]> },
 }
@@ -22,14 +38,30 @@ impl Workload {
     /// Demand at time `t` seconds.
     pub fn at(&self, t: f64) -> f64 {
         match self {
-            Workload::Samples { samples, interval_s } => interpolate(samples, *interval_s, t, |v| v),
-            Workload::Diurnal { base, amplitude, phase, noise, seed, interval_s } => {
+            Workload::Samples {
+                samples,
+                interval_s,
+            } => interpolate(samples, *interval_s, t, |v| v),
+            Workload::Diurnal {
+                base,
+                amplitude,
+                phase,
+                noise,
+                seed,
+                interval_s,
+            } => {
                 let k = (t / interval_s).floor() as u64;
                 let day = std::f64::consts::TAU * t / 86_400.0;
                 let n = (unit_hash(*seed, k) - 0.5) * 2.0 * *noise as f64;
                 (*base as f64 + *amplitude as f64 * (day + *phase as f64).sin() + n).clamp(0.0, 1.0)
             }
-            Workload::Bursty { base, peak, burst_prob, seed, interval_s } => {
+            Workload::Bursty {
+                base,
+                peak,
+                burst_prob,
+                seed,
+                interval_s,
+            } => {
                 let k = (t / interval_s).floor() as u64;
                 if unit_hash(*seed, k) < *burst_prob as f64 {
                     *peak as f64
@@ -70,7 +102,9 @@ impl Workload {
                 v as u8
             })
             .collect();
-        Workload::RandomWalk { hourly: hourly.into() }
+        Workload::RandomWalk {
+            hourly: hourly.into(),
+        }
     }
 
     /// One of the three synthetic shapes, chosen by the seeded generator.
@@ -120,7 +154,10 @@ mod tests {
 
     #[test]
     fn samples_interpolate_and_hold_last() {
-        let w = Workload::Samples { samples: vec![0.1f64, 0.3, 0.5].into(), interval_s: 300.0 };
+        let w = Workload::Samples {
+            samples: vec![0.1f64, 0.3, 0.5].into(),
+            interval_s: 300.0,
+        };
         assert!((w.at(0.0) - 0.1).abs() < 1e-6);
         assert!((w.at(150.0) - 0.2).abs() < 1e-6);
         assert!((w.at(600.0) - 0.5).abs() < 1e-6);

@@ -39,23 +39,39 @@ pub struct SimArgs {
     /// Write an SVG chart of load, imbalance and active hosts.
     #[arg(long)]
     plot: Option<PathBuf>,
+    /// CloudSim compatibility: reserve VM memory at creation only, as CloudSim's PlanetLab
+    /// runs do (their VMs ask for 0 MB once started). Needed to reproduce published numbers;
+    /// lets hosts hold more memory than they have.
+    #[arg(long)]
+    cloudsim_compat: bool,
     /// No progress bar.
     #[arg(long)]
     quiet: bool,
 }
 
 pub fn run(args: SimArgs) -> anyhow::Result<()> {
-    let fleet = build_fleet(&args)?;
-    let mut policy = tern_sim::policy::by_name(&args.policy).with_context(|| format!("unknown policy {:?} (none, drs, drs+dpm, lr-mmt)", args.policy))?;
+    let mut fleet = build_fleet(&args)?;
+    fleet.cloudsim_ram = args.cloudsim_compat;
+    let mut policy = tern_sim::policy::by_name(&args.policy).with_context(|| {
+        format!(
+            "unknown policy {:?} (none, drs, drs+dpm, lr-mmt)",
+            args.policy
+        )
+    })?;
     let ticks = (fleet.duration_s / fleet.interval_s) as u64;
-    let bar = if args.quiet || ticks < 500 { indicatif::ProgressBar::hidden() } else { indicatif::ProgressBar::new(ticks) };
+    let bar = if args.quiet || ticks < 500 {
+        indicatif::ProgressBar::hidden()
+    } else {
+        indicatif::ProgressBar::new(ticks)
+    };
     let report = tern_sim::run(&fleet, policy.as_mut(), args.seed, &mut |done, total| {
         bar.set_length(total);
         bar.set_position(done);
     })?;
     bar.finish_and_clear();
     if let Some(p) = &args.plot {
-        std::fs::write(p, tern_sim::plot::svg(&report)).with_context(|| format!("writing {}", p.display()))?;
+        std::fs::write(p, tern_sim::plot::svg(&report))
+            .with_context(|| format!("writing {}", p.display()))?;
     }
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
@@ -81,7 +97,9 @@ fn build_fleet(args: &SimArgs) -> anyhow::Result<Fleet> {
         return Ok(Fleet::from_toml(cfg, args.seed)?);
     }
     if args.synthetic {
-        return Ok(Fleet::synthetic(args.hosts, args.vms, args.days, args.seed)?);
+        return Ok(Fleet::synthetic(
+            args.hosts, args.vms, args.days, args.seed,
+        )?);
     }
     bail!("give --trace DIR, --config FILE or --synthetic")
 }
@@ -100,5 +118,8 @@ fn print_summary(r: &Report) {
     println!("unmet demand     {:.3} %", r.unmet_demand * 100.0);
     println!("mean imbalance   {:.4}", r.mean_imbalance);
     println!("mean active hosts {:.1}", r.mean_active_hosts);
-    println!("downtime p50/p99 {:.0} / {:.0} ms", r.downtime.p50_ms, r.downtime.p99_ms);
+    println!(
+        "downtime p50/p99 {:.0} / {:.0} ms",
+        r.downtime.p50_ms, r.downtime.p99_ms
+    );
 }

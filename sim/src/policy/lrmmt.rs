@@ -46,7 +46,9 @@ impl Policy for LrMmt {
         let n = c.hosts.len();
         let mut plan = Plan::new(c);
         // 1. Overloaded hosts.
-        let over: Vec<usize> = (0..n).filter(|&h| c.hosts[h].up && plan.overloaded(h, None)).collect();
+        let over: Vec<usize> = (0..n)
+            .filter(|&h| c.hosts[h].up && plan.overloaded(h, None))
+            .collect();
         let mut is_over = vec![false; n];
         for &h in &over {
             is_over[h] = true;
@@ -78,7 +80,9 @@ impl Policy for LrMmt {
             planned[m.vm] = true;
         }
         // 4. Consolidation: try to empty hosts from the least utilised up.
-        let off: Vec<bool> = (0..n).map(|h| plan.util_field[h] == 0.0 || !c.hosts[h].up).collect();
+        let off: Vec<bool> = (0..n)
+            .map(|h| plan.util_field[h] == 0.0 || !c.hosts[h].up)
+            .collect();
         let mut skip_source: Vec<bool> = (0..n).map(|h| is_over[h] || off[h]).collect();
         let mut skip_dest = skip_source.clone();
         let mut order: Vec<usize> = (0..n).collect();
@@ -95,7 +99,11 @@ impl Policy for LrMmt {
             skip_dest[u] = true;
             excluded += 1;
             // VMs already given a move this round stay put (CloudSim would move them twice).
-            let mut vms: Vec<usize> = plan.members[u].iter().copied().filter(|&v| c.vms[v].dest.is_none() && !planned[v]).collect();
+            let mut vms: Vec<usize> = plan.members[u]
+                .iter()
+                .copied()
+                .filter(|&v| c.vms[v].dest.is_none() && !planned[v])
+                .collect();
             if vms.is_empty() {
                 continue;
             }
@@ -148,6 +156,11 @@ pub fn evacuate_pabfd(c: &Cluster, h: usize) -> Vec<Move> {
     let mut plan = Plan::new(c);
     let mut excluded = vec![false; c.hosts.len()];
     excluded[h] = true;
-    let mut vms: Vec<usize> = c.hosts[h].vms.iter().copied().filter(|&v| c.vms[v].dest.is_none() && c.vms[v].host == Some(h)).collect();
+    let mut vms: Vec<usize> = c.hosts[h]
+        .vms
+        .iter()
+        .copied()
+        .filter(|&v| c.vms[v].dest.is_none() && c.vms[v].host == Some(h))
+        .collect();
     plan.place_sorted(&mut vms, &excluded, false)
 }

@@ -15,17 +15,22 @@ pub struct Plan<'c, 'f> {
     pub safety: f64,
     pub static_threshold: f64,
     pub window: usize,
+    cpu_cache: Vec<HostCpu>,
+    power_now: Vec<f64>,
 }
 
+#[derive(Clone, Copy)]
 pub struct HostCpu {
-    /// MIPS allocated, counting a VM migrating in at its full share.
+    /// MIPS allocated to planned members.
     pub used: f64,
+    /// What VMs migrating in will add once they arrive (their other 90 %).
+    pub incoming_extra: f64,
     pub available: f64,
 }
 
 impl<'c, 'f> Plan<'c, 'f> {
     pub fn new(c: &'c Cluster<'f>) -> Self {
-        Plan {
+        let mut p = Plan {
             c,
             members: c.hosts.iter().map(|h| h.vms.clone()).collect(),
             ram_used: c.hosts.iter().map(|h| h.ram_used).collect(),
@@ -35,7 +40,24 @@ impl<'c, 'f> Plan<'c, 'f> {
             safety: 1.2,
             static_threshold: 0.7,
             window: 10,
-        }
+            cpu_cache: Vec::new(),
+            power_now: Vec::new(),
+        };
+        p.cpu_cache = (0..c.hosts.len()).map(|h| p.compute_cpu(h)).collect();
+        p.power_now = (0..c.hosts.len())
+            .map(|h| c.host_spec(h).power.watts_at(p.util_field[h]))
+            .collect();
+        p
+    }
+
+    pub fn cpu(&self, h: usize) -> HostCpu {
+        self.cpu_cache[h]
+    }
+
+    /// Memory and bandwidth are only checked when the fleet enforces them (CloudSim's
+    /// PlanetLab VMs ask for no RAM once started, so its runs never check it).
+    fn memory_checked(&self) -> bool {
+        self.placed_ask_nothing || !self.c.fleet.cloudsim_ram
     }
 
     pub fn create(&mut self, h: usize, v: usize) {
@@ -43,6 +65,7 @@ impl<'c, 'f> Plan<'c, 'f> {
         self.members[h].push(v);
         self.ram_used[h] += vs.ram_mb;
         self.bw_used[h] += vs.bw_mbps;
+        self.cpu_cache[h] = self.compute_cpu(h);
     }
 
     pub fn destroy(&mut self, h: usize, v: usize) {
@@ -51,11 +74,12 @@ impl<'c, 'f> Plan<'c, 'f> {
             self.members[h].remove(p);
             self.ram_used[h] -= vs.ram_mb;
             self.bw_used[h] -= vs.bw_mbps;
+            self.cpu_cache[h] = self.compute_cpu(h);
         }
     }
 
     /// CPU allocation of host `h` with its planned members (time-shared, over-subscribed).
-    pub fn cpu(&self, h: usize) -> HostCpu {
+    fn compute_cpu(&self, h: usize) -> HostCpu {
         let spec = self.c.host_spec(h);
         let cap = spec.total_mips();
         let capped = |v: usize| {
@@ -65,10 +89,18 @@ impl<'c, 'f> Plan<'c, 'f> {
         let mut required = 0.0;
         for &v in &self.members[h] {
             let r = capped(v) * self.c.vm_spec(v).pes as f64;
-            required += if self.c.vms[v].dest == Some(h) { r * 0.1 } else { r };
+            required += if self.c.vms[v].dest == Some(h) {
+                r * 0.1
+            } else {
+                r
+            };
         }
-        let scale = if required > cap { Some(cap / required) } else { None };
-        let mut used = 0.0;
+        let scale = if required > cap {
+            Some(cap / required)
+        } else {
+            None
+        };
+        let (mut used, mut incoming_extra) = (0.0, 0.0);
         for &v in &self.members[h] {
             let incoming = self.c.vms[v].dest == Some(h);
             let outgoing = self.c.vms[v].dest.is_some() && !incoming;
@@ -86,10 +118,14 @@ impl<'c, 'f> Plan<'c, 'f> {
             let a = per_pe * self.c.vm_spec(v).pes as f64;
             used += a;
             if incoming {
-                used += a * 0.9 / 0.1;
+                incoming_extra += a * 0.9 / 0.1;
             }
         }
-        HostCpu { used, available: if scale.is_some() { 0.0 } else { cap - required } }
+        HostCpu {
+            used,
+            incoming_extra,
+            available: if scale.is_some() { 0.0 } else { cap - required },
+        }
     }
 
     /// May `v` go to `h` at all: usable, one core big enough, CPU, memory and bandwidth left.
@@ -100,8 +136,9 @@ impl<'c, 'f> Plan<'c, 'f> {
             && !hr.maintenance
             && hs.pe_mips >= req / vs.pes as f64
             && self.cpu(h).available >= req
-            && self.ram_used[h] + vs.ram_mb <= hs.ram_mb
-            && self.bw_used[h] + vs.bw_mbps <= hs.bw_mbps + 1e-9
+            && (!self.memory_checked()
+                || (self.ram_used[h] + vs.ram_mb <= hs.ram_mb
+                    && self.bw_used[h] + vs.bw_mbps <= hs.bw_mbps + 1e-9))
     }
 
     /// Host demand history (most recent first) from its members' histories, zero tail trimmed.
@@ -129,7 +166,12 @@ impl<'c, 'f> Plan<'c, 'f> {
             let asked: f64 = if self.placed_ask_nothing {
                 extra.map(|v| self.c.vms[v].req_mips).unwrap_or(0.0)
             } else {
-                self.members[h].iter().copied().chain(extra).map(|v| self.c.vms[v].req_mips).sum()
+                self.members[h]
+                    .iter()
+                    .copied()
+                    .chain(extra)
+                    .map(|v| self.c.vms[v].req_mips)
+                    .sum()
             };
             return asked / spec.total_mips() > self.static_threshold;
         }
@@ -148,8 +190,19 @@ impl<'c, 'f> Plan<'c, 'f> {
         let nf = n as f64;
         let slope = (sxy - sx * sy / nf) / (sxx - sx * sx / nf);
         let intercept = (sy - slope * sx) / nf;
-        let max_ram = self.members[h].iter().copied().chain(extra).map(|v| self.c.vm_spec(v).ram_mb).max().unwrap_or(0) as f64;
-        let mig_s = self.c.fleet.migration.cost(max_ram, 0.0, spec.bw_mbps).total_s;
+        let max_ram = self.members[h]
+            .iter()
+            .copied()
+            .chain(extra)
+            .map(|v| self.c.vm_spec(v).ram_mb)
+            .max()
+            .unwrap_or(0) as f64;
+        let mig_s = self
+            .c
+            .fleet
+            .migration
+            .cost(max_ram, 0.0, spec.bw_mbps)
+            .total_s;
         let intervals = (mig_s / self.c.fleet.interval_s).ceil();
         let predicted = (intercept + slope * (nf + intervals)) * self.safety;
         predicted >= 1.0
@@ -165,16 +218,18 @@ impl<'c, 'f> Plan<'c, 'f> {
                 continue;
             }
             let spec = self.c.host_spec(h);
-            let used = self.cpu(h).used;
-            let after = (used + req) / spec.total_mips();
+            // As in CloudSim: the load measured at the last update (plus what is migrating in),
+            // not what this round has planned onto the host; capacity is checked in suitable().
+            let measured = self.c.hosts[h].util_mips;
+            let after = (measured + self.cpu(h).incoming_extra + req) / spec.total_mips();
             if after > 1.0 + 1e-12 {
                 continue;
             }
-            let diff = spec.power.watts_at(after) - spec.power.watts_at(self.util_field[h]);
+            let diff = spec.power.watts_at(after) - self.power_now[h];
             if diff >= best {
                 continue;
             }
-            if used != 0.0 && self.overloaded(h, Some(v)) {
+            if measured != 0.0 && self.overloaded(h, Some(v)) {
                 continue;
             }
             best = diff;
@@ -184,7 +239,12 @@ impl<'c, 'f> Plan<'c, 'f> {
     }
 
     /// Places `vms` (sorted by demand, highest first) with power-aware best fit.
-    pub fn place_sorted(&mut self, vms: &mut Vec<usize>, excluded: &[bool], all_or_nothing: bool) -> Vec<Move> {
+    pub fn place_sorted(
+        &mut self,
+        vms: &mut Vec<usize>,
+        excluded: &[bool],
+        all_or_nothing: bool,
+    ) -> Vec<Move> {
         let c = self.c;
         vms.sort_by(|&a, &b| c.vms[b].req_mips.total_cmp(&c.vms[a].req_mips));
         let mut moves = Vec::new();
