@@ -261,7 +261,9 @@ impl<'f> Engine<'f> {
                     }
                 }
             }
-            for vm in &c.vms {
+            // Before the first update VMs have no measured share yet (CloudSim starts its
+            // per-VM history at the first tick), so the first interval is not charged.
+            for vm in c.vms.iter().filter(|_| self.last_t > 0.0) {
                 self.acc.vm_requested += vm.req_mips * dt;
                 self.acc.vm_allocated += vm.alloc_mips * dt;
                 if vm.in_migration {

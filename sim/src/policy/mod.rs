@@ -1,6 +1,7 @@
 //! Placement and balancing policies the engine can run.
 use crate::cluster::Cluster;
 
+pub mod drs;
 pub mod lrmmt;
 pub mod none;
 pub mod plan;
@@ -32,7 +33,9 @@ pub trait Policy {
 pub fn by_name(name: &str) -> Option<Box<dyn Policy>> {
     match name {
         "none" => Some(Box::new(none::NoMigration)),
-        "lr-mmt" => Some(Box::new(lrmmt::LrMmt::default())),
+        "lr-mmt" => Some(Box::new(lrmmt::LrMmt)),
+        "drs" => Some(Box::new(drs::Drs::new(false))),
+        "drs+dpm" => Some(Box::new(drs::Drs::new(true))),
         _ => None,
     }
 }
