@@ -18,7 +18,7 @@ for day in 20110303 20110306 20110309; do
 import json, sys
 day, policy, _, wall, rss = sys.argv[1:6]
 r = json.load(open("/tmp/tern_sim_bench.json"))
-print(f"{day:<9} {policy:<8} {r['energy_kwh']:9.2f} {100*r['slatah']:8.2f} {100*r['pdm']:8.3f} {r['esv']:10.6f} {r['migrations']:10d} {100*r['unmet_demand']:8.3f} {r['mean_imbalance']:8.4f} {r['mean_active_hosts']:8.1f} {float(wall):7.2f} {int(rss)/1024:8.1f}")
+print(f"{day:<9} {policy:<8} {r['energy_kwh']:9.2f} {100*r['slatah']:8.2f} {100*r['pdm']:8.3f} {r['esv']:10.3e} {r['migrations']:10d} {100*r['unmet_demand']:8.3f} {r['mean_imbalance']:8.4f} {r['mean_active_hosts']:8.1f} {float(wall):7.2f} {int(rss)/1024:8.1f}")
 PY
   done
 done
