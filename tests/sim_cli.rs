@@ -23,13 +23,19 @@ fn json_report_and_plot_from_a_trace_dir() {
     write_traces(&traces, 16);
     let plot = d.path().join("run.svg");
     let out = tern()
-        .args(["sim", "--policy", "lr-mmt", "--hosts", "16", "--json", "--quiet", "--trace"])
+        .args([
+            "sim", "--policy", "lr-mmt", "--hosts", "16", "--json", "--quiet", "--trace",
+        ])
         .arg(&traces)
         .arg("--plot")
         .arg(&plot)
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(r["policy"], "lr-mmt");
     assert_eq!(r["vms"], 16);
@@ -44,7 +50,11 @@ fn malformed_trace_is_a_clear_error() {
     let d = tempfile::tempdir().unwrap();
     write_traces(d.path(), 2);
     std::fs::write(d.path().join("broken"), "10\n20\nlots\n").unwrap();
-    let out = tern().args(["sim", "--quiet", "--trace"]).arg(d.path()).output().unwrap();
+    let out = tern()
+        .args(["sim", "--quiet", "--trace"])
+        .arg(d.path())
+        .output()
+        .unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("broken:3:"), "{err}");
@@ -54,14 +64,35 @@ fn malformed_trace_is_a_clear_error() {
 #[test]
 fn synthetic_run_and_unknown_policy() {
     let out = tern()
-        .args(["sim", "--synthetic", "--hosts", "6", "--vms", "30", "--days", "0.2", "--policy", "drs+dpm", "--json", "--seed", "3"])
+        .args([
+            "sim",
+            "--synthetic",
+            "--hosts",
+            "6",
+            "--vms",
+            "30",
+            "--days",
+            "0.2",
+            "--policy",
+            "drs+dpm",
+            "--json",
+            "--seed",
+            "3",
+        ])
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(r["policy"], "drs+dpm");
     assert!(r["peak_ram_ratio"].as_f64().unwrap() <= 1.0);
-    let out = tern().args(["sim", "--synthetic", "--policy", "magic"]).output().unwrap();
+    let out = tern()
+        .args(["sim", "--synthetic", "--policy", "magic"])
+        .output()
+        .unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("unknown policy"));
 }

@@ -2,7 +2,7 @@
 //! order, with every state change feeding the metrics.
 use crate::cluster::Cluster;
 use crate::error::{Result, SimError};
-use crate::fleet::{EventKind, Fleet};
+use crate::fleet::{positive, EventKind, Fleet};
 use crate::metrics::{Accum, Report, TimePoint};
 use crate::policy::{Move, Policy};
 use std::cmp::Ordering;
@@ -50,7 +50,7 @@ pub fn run(
     seed: u64,
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<Report> {
-    if !(fleet.interval_s > 0.0) || !(fleet.duration_s > 0.0) {
+    if !positive(fleet.interval_s) || !positive(fleet.duration_s) {
         return Err(SimError::Invalid(
             "interval and duration must be positive".into(),
         ));

@@ -133,7 +133,7 @@ impl Fleet {
     /// A synthetic fleet: hosts like the PlanetLab ones but with 8 cores and 32 GiB, VMs of the
     /// four types with a mix of diurnal, bursty and random-walk demand, pre-copy migrations.
     pub fn synthetic(hosts: usize, vms: usize, days: f64, seed: u64) -> Result<Fleet> {
-        if hosts == 0 || vms == 0 || !(days > 0.0) {
+        if hosts == 0 || vms == 0 || !positive(days) {
             return Err(SimError::Invalid(
                 "synthetic fleet needs hosts, vms and days > 0".into(),
             ));
@@ -253,14 +253,14 @@ fn mixed() -> String {
 
 impl FleetToml {
     fn build(self, seed: u64) -> std::result::Result<Fleet, String> {
-        if !(self.interval_s > 0.0) || !(self.days > 0.0) {
+        if !positive(self.interval_s) || !positive(self.days) {
             return Err("interval_s and days must be positive".into());
         }
         let mut r = rng(seed);
         let hours = (self.days * 24.0).ceil() as usize + 1;
         let mut hosts = Vec::new();
         for g in &self.host {
-            if g.pes == 0 || !(g.pe_mips > 0.0) || g.ram_mb == 0 || !(g.bw_mbps > 0.0) {
+            if g.pes == 0 || !positive(g.pe_mips) || g.ram_mb == 0 || !positive(g.bw_mbps) {
                 return Err("every [[host]] needs pes, pe_mips, ram_mb and bw_mbps > 0".into());
             }
             for _ in 0..g.count {
@@ -275,7 +275,7 @@ impl FleetToml {
         }
         let mut vms = Vec::new();
         for g in &self.vm {
-            if g.pes == 0 || !(g.mips > 0.0) || g.ram_mb == 0 {
+            if g.pes == 0 || !positive(g.mips) || g.ram_mb == 0 {
                 return Err("every [[vm]] needs pes, mips and ram_mb > 0".into());
             }
             for _ in 0..g.count {
@@ -322,4 +322,9 @@ impl FleetToml {
             cloudsim_ram: false,
         })
     }
+}
+
+/// A finite number above zero (NaN and infinity are refused).
+pub fn positive(x: f64) -> bool {
+    x.is_finite() && x > 0.0
 }

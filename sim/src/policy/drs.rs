@@ -139,7 +139,7 @@ impl Drs {
         }
     }
 
-    fn to_moves(&mut self, moves: &[tern_scheduler::Move], t: f64) -> Vec<Move> {
+    fn sim_moves(&mut self, moves: &[tern_scheduler::Move], t: f64) -> Vec<Move> {
         let mut out = Vec::new();
         for m in moves {
             if let (Some(vm), Some(to)) = (parse(&m.vm, 'v'), parse(&m.to, 'h')) {
@@ -215,7 +215,7 @@ impl Drs {
             self.draining[h] = true;
             cap = rest;
             off += 1;
-            moves.extend(self.to_moves(&ev.moves, t));
+            moves.extend(self.sim_moves(&ev.moves, t));
         }
         moves
     }
@@ -289,7 +289,7 @@ impl Policy for Drs {
             return Vec::new();
         };
         match tern_scheduler::evacuate(&cluster, &host_id(h), &self.cfg) {
-            Ok(ev) => self.to_moves(&ev.moves, 0.0),
+            Ok(ev) => self.sim_moves(&ev.moves, 0.0),
             Err(_) => Vec::new(),
         }
     }
@@ -309,7 +309,7 @@ impl Policy for Drs {
         let plan = tern_scheduler::balance(&cluster, &self.cfg);
         tracing::debug!(t, ?plan, "drs balance");
         if let Ok(plan) = plan {
-            moves = self.to_moves(&plan.moves, t);
+            moves = self.sim_moves(&plan.moves, t);
         }
         moves
     }

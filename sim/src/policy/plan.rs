@@ -213,8 +213,8 @@ impl<'c, 'f> Plan<'c, 'f> {
         let mut best = f64::MAX;
         let mut found = None;
         let req = self.c.vms[v].req_mips;
-        for h in 0..self.members.len() {
-            if excluded[h] || !self.suitable(h, v) {
+        for (h, &skip) in excluded.iter().enumerate() {
+            if skip || !self.suitable(h, v) {
                 continue;
             }
             let spec = self.c.host_spec(h);
@@ -241,7 +241,7 @@ impl<'c, 'f> Plan<'c, 'f> {
     /// Places `vms` (sorted by demand, highest first) with power-aware best fit.
     pub fn place_sorted(
         &mut self,
-        vms: &mut Vec<usize>,
+        vms: &mut [usize],
         excluded: &[bool],
         all_or_nothing: bool,
     ) -> Vec<Move> {
