@@ -66,6 +66,8 @@ pub struct Fleet {
     /// CloudSim compatibility: memory and bandwidth are reserved at creation only, later
     /// placements ignore them (CloudSim's PlanetLab VMs ask for 0 RAM once running).
     pub cloudsim_ram: bool,
+    /// Start VMs round-robin instead of with CloudSim's best fit (large generated fleets).
+    pub spread_initial: bool,
 }
 
 /// The four VM types of the PlanetLab setup (MIPS, RAM MB), by contiguous quarters of the list.
@@ -127,6 +129,7 @@ impl Fleet {
             migration: MigrationModel::cloudsim(),
             events: Vec::new(),
             cloudsim_ram: false,
+            spread_initial: false,
         })
     }
 
@@ -175,6 +178,7 @@ impl Fleet {
             migration: MigrationModel::precopy(),
             events: Vec::new(),
             cloudsim_ram: false,
+            spread_initial: true,
         })
     }
 
@@ -320,6 +324,7 @@ impl FleetToml {
             migration: self.migration.unwrap_or_else(MigrationModel::precopy),
             events: self.event,
             cloudsim_ram: false,
+            spread_initial: false,
         })
     }
 }

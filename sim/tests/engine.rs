@@ -40,6 +40,7 @@ fn fleet(hosts: Vec<HostSpec>, vms: Vec<VmSpec>, duration_s: f64) -> Fleet {
         migration: MigrationModel::cloudsim(),
         events: Vec::new(),
         cloudsim_ram: false,
+        spread_initial: false,
     }
 }
 
@@ -199,7 +200,7 @@ fn write_traces(dir: &std::path::Path) {
         for k in 0..288 {
             let v = match i % 4 {
                 0 => 5 + (k % 7),
-                1 => 20 + ((k as f64 / 288.0 * std::f64::consts::TAU).sin() * 15.0) as i64 as usize,
+                1 => (20.0 + (k as f64 / 288.0 * std::f64::consts::TAU).sin() * 15.0) as usize,
                 2 => {
                     if k % 50 < 5 {
                         90

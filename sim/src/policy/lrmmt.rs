@@ -137,6 +137,9 @@ fn has_settled_vm(plan: &Plan, h: usize) -> bool {
 /// CloudSim's initial placement: VM by VM in list order, each asking for its full MIPS,
 /// power-aware best fit against a fleet that has not yet measured any load.
 pub fn pabfd_initial(c: &Cluster) -> Vec<Option<usize>> {
+    if c.fleet.spread_initial {
+        return spread_initial(c);
+    }
     let mut plan = Plan::new(c);
     plan.placed_ask_nothing = true;
     let none = vec![false; c.hosts.len()];
@@ -163,4 +166,20 @@ pub fn evacuate_pabfd(c: &Cluster, h: usize) -> Vec<Move> {
         .filter(|&v| c.vms[v].dest.is_none() && c.vms[v].host == Some(h))
         .collect();
     plan.place_sorted(&mut vms, &excluded, false)
+}
+
+/// Initial placement for large generated fleets: VM v starts on host v mod H, or the next
+/// host with memory left (linear time; power-aware best fit is quadratic).
+pub fn spread_initial(c: &Cluster) -> Vec<Option<usize>> {
+    let n = c.hosts.len();
+    let mut ram: Vec<u64> = c.hosts.iter().map(|h| h.ram_used).collect();
+    (0..c.vms.len())
+        .map(|v| {
+            let need = c.vm_spec(v).ram_mb;
+            (0..n)
+                .map(|i| (v + i) % n)
+                .find(|&h| c.hosts[h].up && ram[h] + need <= c.host_spec(h).ram_mb)
+                .inspect(|&h| ram[h] += need)
+        })
+        .collect()
 }
