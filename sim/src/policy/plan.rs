@@ -3,6 +3,9 @@
 use crate::cluster::Cluster;
 use crate::policy::Move;
 
+/// Longest demand history a policy can use.
+pub const MAX_HISTORY: usize = 64;
+
 pub struct Plan<'c, 'f> {
     pub c: &'c Cluster<'f>,
     pub members: Vec<Vec<usize>>,
@@ -17,6 +20,8 @@ pub struct Plan<'c, 'f> {
     pub window: usize,
     cpu_cache: Vec<HostCpu>,
     power_now: Vec<f64>,
+    /// Per host: its members' demand histories weighted by MIPS share, untrimmed.
+    hist_base: Vec<[f64; MAX_HISTORY]>,
 }
 
 #[derive(Clone, Copy)]
@@ -42,7 +47,11 @@ impl<'c, 'f> Plan<'c, 'f> {
             window: 10,
             cpu_cache: Vec::new(),
             power_now: Vec::new(),
+            hist_base: Vec::new(),
         };
+        if c.history_len > 0 {
+            p.hist_base = (0..c.hosts.len()).map(|h| p.weighted_history(h)).collect();
+        }
         p.cpu_cache = (0..c.hosts.len()).map(|h| p.compute_cpu(h)).collect();
         p.power_now = (0..c.hosts.len())
             .map(|h| c.host_spec(h).power.watts_at(p.util_field[h]))
@@ -66,6 +75,9 @@ impl<'c, 'f> Plan<'c, 'f> {
         self.ram_used[h] += vs.ram_mb;
         self.bw_used[h] += vs.bw_mbps;
         self.cpu_cache[h] = self.compute_cpu(h);
+        if !self.hist_base.is_empty() {
+            self.hist_base[h] = self.weighted_history(h);
+        }
     }
 
     pub fn destroy(&mut self, h: usize, v: usize) {
@@ -75,6 +87,9 @@ impl<'c, 'f> Plan<'c, 'f> {
             self.ram_used[h] -= vs.ram_mb;
             self.bw_used[h] -= vs.bw_mbps;
             self.cpu_cache[h] = self.compute_cpu(h);
+            if !self.hist_base.is_empty() {
+                self.hist_base[h] = self.weighted_history(h);
+            }
         }
     }
 
@@ -141,28 +156,44 @@ impl<'c, 'f> Plan<'c, 'f> {
                     && self.bw_used[h] + vs.bw_mbps <= hs.bw_mbps + 1e-9))
     }
 
-    /// Host demand history (most recent first) from its members' histories, zero tail trimmed.
-    fn history(&self, h: usize, extra: Option<usize>) -> Vec<f64> {
-        let host_mips = self.c.host_spec(h).total_mips();
-        let mut out = vec![0.0; self.c.history_len];
-        for v in self.members[h].iter().copied().chain(extra) {
-            let w = self.c.vm_spec(v).mips / host_mips;
-            for (i, u) in self.c.vms[v].history.iter().enumerate() {
-                out[i] += u * w;
-            }
+    fn add_history(&self, out: &mut [f64; MAX_HISTORY], h: usize, v: usize) {
+        let w = self.c.vm_spec(v).mips / self.c.host_spec(h).total_mips();
+        for (i, u) in self.c.vms[v].history.iter().take(MAX_HISTORY).enumerate() {
+            out[i] += u * w;
         }
-        while out.last() == Some(&0.0) {
-            out.pop();
+    }
+
+    fn weighted_history(&self, h: usize) -> [f64; MAX_HISTORY] {
+        let mut out = [0.0; MAX_HISTORY];
+        for &v in &self.members[h] {
+            self.add_history(&mut out, h, v);
         }
         out
+    }
+
+    /// Host demand history (most recent first) from its members' histories, zero tail
+    /// trimmed: the samples and how many there are.
+    fn history(&self, h: usize, extra: Option<usize>) -> ([f64; MAX_HISTORY], usize) {
+        let mut out = match self.hist_base.get(h) {
+            Some(base) => *base,
+            None => self.weighted_history(h),
+        };
+        if let Some(v) = extra {
+            self.add_history(&mut out, h, v);
+        }
+        let mut len = self.c.history_len.min(MAX_HISTORY);
+        while len > 0 && out[len - 1] == 0.0 {
+            len -= 1;
+        }
+        (out, len)
     }
 
     /// Local-regression overload detection (LR, safety 1.2), static threshold while the
     /// history is shorter than the window.
     pub fn overloaded(&self, h: usize, extra: Option<usize>) -> bool {
-        let hist = self.history(h, extra);
+        let (hist, len) = self.history(h, extra);
         let spec = self.c.host_spec(h);
-        if hist.len() < self.window {
+        if len < self.window {
             let asked: f64 = if self.placed_ask_nothing {
                 extra.map(|v| self.c.vms[v].req_mips).unwrap_or(0.0)
             } else {
