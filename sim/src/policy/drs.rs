@@ -45,7 +45,7 @@ impl Drs {
         // little, so the cost weight is lower than the cluster default.
         let cfg = Config {
             threshold: 5,
-            max_moves: if dpm { 8 } else { 32 },
+            max_moves: if dpm { 6 } else { 32 },
             cost_weight: 0.002,
             ..Config::default()
         };
