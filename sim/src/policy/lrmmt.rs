@@ -98,24 +98,31 @@ impl Policy for LrMmt {
             skip_source[u] = true;
             skip_dest[u] = true;
             excluded += 1;
-            // VMs already given a move this round stay put (CloudSim would move them twice).
+            // A VM placed here by the overload step this round is evacuated again, as in
+            // CloudSim; its move is then redirected (CloudSim runs both migrations).
             let mut vms: Vec<usize> = plan.members[u]
                 .iter()
                 .copied()
-                .filter(|&v| c.vms[v].dest.is_none() && !planned[v])
+                .filter(|&v| c.vms[v].dest.is_none())
                 .collect();
             if vms.is_empty() {
                 continue;
             }
             let placed = plan.place_sorted(&mut vms, &skip_dest, true);
             for m in &placed {
-                planned[m.vm] = true;
                 if !skip_source[m.to] {
                     skip_source[m.to] = true;
                     excluded += 1;
                 }
+                if planned[m.vm] {
+                    if let Some(prev) = moves.iter_mut().find(|p| p.vm == m.vm) {
+                        prev.to = m.to;
+                    }
+                    continue;
+                }
+                planned[m.vm] = true;
+                moves.push(*m);
             }
-            moves.extend(placed);
         }
         moves
     }
