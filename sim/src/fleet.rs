@@ -1,0 +1,335 @@
+//! What is simulated: hosts, VMs with their workloads, timing, migration model and events.
+use crate::error::{Result, SimError};
+use crate::migration::MigrationModel;
+use crate::power::PowerModel;
+use crate::trace::Trace;
+use crate::workload::{rng, Workload};
+use serde::Deserialize;
+use std::path::Path;
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct HostSpec {
+    pub pes: u32,
+    pub pe_mips: f64,
+    pub ram_mb: u64,
+    pub bw_mbps: f64,
+    pub power: PowerModel,
+}
+
+impl HostSpec {
+    pub fn total_mips(&self) -> f64 {
+        self.pes as f64 * self.pe_mips
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct VmSpec {
+    pub pes: u32,
+    pub mips: f64,
+    pub ram_mb: u64,
+    pub bw_mbps: f64,
+    /// Memory the guest dirties per second at full CPU demand (pre-copy model only).
+    pub dirty_mb_s: f64,
+    pub workload: Workload,
+}
+
+impl VmSpec {
+    pub fn total_mips(&self) -> f64 {
+        self.pes as f64 * self.mips
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EventKind {
+    Fail,
+    Recover,
+    MaintenanceEnter,
+    MaintenanceExit,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct HostEvent {
+    pub at_s: f64,
+    pub host: usize,
+    pub kind: EventKind,
+}
+
+#[derive(Debug, Clone)]
+pub struct Fleet {
+    pub hosts: Vec<HostSpec>,
+    pub vms: Vec<VmSpec>,
+    pub interval_s: f64,
+    pub duration_s: f64,
+    pub migration: MigrationModel,
+    pub events: Vec<HostEvent>,
+    /// CloudSim compatibility: memory and bandwidth are reserved at creation only, later
+    /// placements ignore them (CloudSim's PlanetLab VMs ask for 0 RAM once running).
+    pub cloudsim_ram: bool,
+    /// Start VMs round-robin instead of with CloudSim's best fit (large generated fleets).
+    pub spread_initial: bool,
+}
+
+/// The four VM types of the PlanetLab setup (MIPS, RAM MB), by contiguous quarters of the list.
+pub const PLANETLAB_VM_TYPES: [(f64, u64); 4] =
+    [(2500.0, 870), (2000.0, 1740), (1000.0, 1740), (500.0, 613)];
+
+impl Fleet {
+    /// Beloglazov & Buyya 2012 as CloudSim codes it: `hosts` alternating ML110 G4/G5, one VM
+    /// per trace, types by quarters of the list unless `types` gives one per VM.
+    pub fn planetlab(traces: Vec<Trace>, types: &[Option<usize>], hosts: usize) -> Result<Fleet> {
+        if traces.is_empty() || hosts == 0 {
+            return Err(SimError::Invalid(
+                "need at least one trace and one host".into(),
+            ));
+        }
+        let hosts = (0..hosts)
+            .map(|i| {
+                let g5 = i % 2 == 1;
+                HostSpec {
+                    pes: 2,
+                    pe_mips: if g5 { 2660.0 } else { 1860.0 },
+                    ram_mb: 4096,
+                    bw_mbps: 1000.0,
+                    power: if g5 {
+                        PowerModel::ML110_G5
+                    } else {
+                        PowerModel::ML110_G4
+                    },
+                }
+            })
+            .collect();
+        let quarter = traces.len().div_ceil(4);
+        let vms = traces
+            .into_iter()
+            .enumerate()
+            .map(|(i, t)| {
+                let ty = types
+                    .get(i)
+                    .copied()
+                    .flatten()
+                    .unwrap_or(i / quarter)
+                    .min(3);
+                let (mips, ram_mb) = PLANETLAB_VM_TYPES[ty];
+                VmSpec {
+                    pes: 1,
+                    mips,
+                    ram_mb,
+                    bw_mbps: 100.0,
+                    dirty_mb_s: 0.0,
+                    workload: t.workload,
+                }
+            })
+            .collect();
+        Ok(Fleet {
+            hosts,
+            vms,
+            interval_s: 300.0,
+            duration_s: 86_400.0,
+            migration: MigrationModel::cloudsim(),
+            events: Vec::new(),
+            cloudsim_ram: false,
+            spread_initial: false,
+        })
+    }
+
+    /// A synthetic fleet: hosts like the PlanetLab ones but with 8 cores and 32 GiB, VMs of the
+    /// four types with a mix of diurnal, bursty and random-walk demand, pre-copy migrations.
+    pub fn synthetic(hosts: usize, vms: usize, days: f64, seed: u64) -> Result<Fleet> {
+        if hosts == 0 || vms == 0 || !positive(days) {
+            return Err(SimError::Invalid(
+                "synthetic fleet needs hosts, vms and days > 0".into(),
+            ));
+        }
+        let mut r = rng(seed);
+        let interval_s = 300.0;
+        let hours = (days * 24.0).ceil() as usize + 1;
+        let hosts = (0..hosts)
+            .map(|i| HostSpec {
+                pes: 8,
+                pe_mips: if i % 2 == 1 { 2660.0 } else { 1860.0 },
+                ram_mb: 32_768,
+                bw_mbps: 10_000.0,
+                power: if i % 2 == 1 {
+                    PowerModel::ML110_G5
+                } else {
+                    PowerModel::ML110_G4
+                },
+            })
+            .collect();
+        let vms = (0..vms)
+            .map(|i| {
+                let (mips, ram_mb) = PLANETLAB_VM_TYPES[i % 4];
+                VmSpec {
+                    pes: 1,
+                    mips,
+                    ram_mb,
+                    bw_mbps: 100.0,
+                    dirty_mb_s: 40.0,
+                    workload: Workload::synthetic(&mut r, interval_s, hours),
+                }
+            })
+            .collect();
+        Ok(Fleet {
+            hosts,
+            vms,
+            interval_s,
+            duration_s: days * 86_400.0,
+            migration: MigrationModel::precopy(),
+            events: Vec::new(),
+            cloudsim_ram: false,
+            spread_initial: true,
+        })
+    }
+
+    /// A fleet from a TOML file (see docs/sim.md for the format).
+    pub fn from_toml(path: &Path, seed: u64) -> Result<Fleet> {
+        let text = std::fs::read_to_string(path).map_err(|source| SimError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let cfg: FleetToml = toml::from_str(&text).map_err(|e| SimError::Config {
+            path: path.to_path_buf(),
+            msg: e.to_string(),
+        })?;
+        cfg.build(seed).map_err(|msg| SimError::Config {
+            path: path.to_path_buf(),
+            msg,
+        })
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FleetToml {
+    #[serde(default = "default_interval")]
+    interval_s: f64,
+    days: f64,
+    #[serde(default)]
+    migration: Option<MigrationModel>,
+    host: Vec<HostGroup>,
+    vm: Vec<VmGroup>,
+    #[serde(default)]
+    event: Vec<HostEvent>,
+}
+
+fn default_interval() -> f64 {
+    300.0
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct HostGroup {
+    count: usize,
+    pes: u32,
+    pe_mips: f64,
+    ram_mb: u64,
+    bw_mbps: f64,
+    power_w: [f64; 11],
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct VmGroup {
+    count: usize,
+    #[serde(default = "one")]
+    pes: u32,
+    mips: f64,
+    ram_mb: u64,
+    #[serde(default = "hundred")]
+    bw_mbps: f64,
+    #[serde(default)]
+    dirty_mb_s: f64,
+    /// diurnal | bursty | random_walk | mixed
+    #[serde(default = "mixed")]
+    workload: String,
+}
+
+fn one() -> u32 {
+    1
+}
+fn hundred() -> f64 {
+    100.0
+}
+fn mixed() -> String {
+    "mixed".into()
+}
+
+impl FleetToml {
+    fn build(self, seed: u64) -> std::result::Result<Fleet, String> {
+        if !positive(self.interval_s) || !positive(self.days) {
+            return Err("interval_s and days must be positive".into());
+        }
+        let mut r = rng(seed);
+        let hours = (self.days * 24.0).ceil() as usize + 1;
+        let mut hosts = Vec::new();
+        for g in &self.host {
+            if g.pes == 0 || !positive(g.pe_mips) || g.ram_mb == 0 || !positive(g.bw_mbps) {
+                return Err("every [[host]] needs pes, pe_mips, ram_mb and bw_mbps > 0".into());
+            }
+            for _ in 0..g.count {
+                hosts.push(HostSpec {
+                    pes: g.pes,
+                    pe_mips: g.pe_mips,
+                    ram_mb: g.ram_mb,
+                    bw_mbps: g.bw_mbps,
+                    power: PowerModel { watts: g.power_w },
+                });
+            }
+        }
+        let mut vms = Vec::new();
+        for g in &self.vm {
+            if g.pes == 0 || !positive(g.mips) || g.ram_mb == 0 {
+                return Err("every [[vm]] needs pes, mips and ram_mb > 0".into());
+            }
+            for _ in 0..g.count {
+                let workload = match g.workload.as_str() {
+                    "diurnal" => Workload::diurnal(&mut r, self.interval_s),
+                    "bursty" => Workload::bursty(&mut r, self.interval_s),
+                    "random_walk" => Workload::random_walk(&mut r, hours),
+                    "mixed" => Workload::synthetic(&mut r, self.interval_s, hours),
+                    other => {
+                        return Err(format!(
+                            "unknown workload {other:?} (diurnal, bursty, random_walk, mixed)"
+                        ))
+                    }
+                };
+                vms.push(VmSpec {
+                    pes: g.pes,
+                    mips: g.mips,
+                    ram_mb: g.ram_mb,
+                    bw_mbps: g.bw_mbps,
+                    dirty_mb_s: g.dirty_mb_s,
+                    workload,
+                });
+            }
+        }
+        if hosts.is_empty() || vms.is_empty() {
+            return Err("need at least one host and one VM".into());
+        }
+        for e in &self.event {
+            if e.host >= hosts.len() {
+                return Err(format!(
+                    "event names host {} but there are {}",
+                    e.host,
+                    hosts.len()
+                ));
+            }
+        }
+        Ok(Fleet {
+            hosts,
+            vms,
+            interval_s: self.interval_s,
+            duration_s: self.days * 86_400.0,
+            migration: self.migration.unwrap_or_else(MigrationModel::precopy),
+            events: self.event,
+            cloudsim_ram: false,
+            spread_initial: false,
+        })
+    }
+}
+
+/// A finite number above zero (NaN and infinity are refused).
+pub fn positive(x: f64) -> bool {
+    x.is_finite() && x > 0.0
+}

@@ -1,0 +1,316 @@
+//! Tern's own policies on the real scheduler code: `drs` (balance, evacuate, place from
+//! tern-scheduler) and `drs+dpm` (adds power management in the spirit of VMware DPM:
+//! when the powered-on hosts are lightly loaded, empty the least-loaded ones with the
+//! scheduler's evacuation and switch them off; switch hosts back on when load rises).
+use crate::cluster::Cluster;
+use crate::policy::lrmmt::pabfd_initial;
+use crate::policy::{Move, Policy};
+use tern_scheduler::Config;
+use tern_scheduler::{Host, HostState, InFlight, Snapshot, Vm};
+
+pub struct Drs {
+    pub cfg: Config,
+    pub dpm: Option<Dpm>,
+    standby: Vec<bool>,
+    draining: Vec<bool>,
+    last_moved: Vec<Option<f64>>,
+}
+
+/// DPM settings: keep the powered-on hosts' CPU demand between `low` and `high`.
+#[derive(Debug, Clone)]
+pub struct Dpm {
+    pub low: f64,
+    pub high: f64,
+    /// Aim after a power change.
+    pub target: f64,
+    /// Hosts switched off per tick at most (bounds the migrations it causes).
+    pub max_off_per_tick: usize,
+}
+
+impl Default for Dpm {
+    fn default() -> Self {
+        Dpm {
+            low: 0.4,
+            high: 0.65,
+            target: 0.5,
+            max_off_per_tick: 3,
+        }
+    }
+}
+
+impl Drs {
+    pub fn new(dpm: bool) -> Self {
+        // Plain DRS balances harder; with DPM, power decisions do most of the moving.
+        // In a fleet of hundreds of hosts one move shifts the fleet-wide deviation only a
+        // little, so the cost weight is lower than the cluster default.
+        let cfg = Config {
+            threshold: 5,
+            max_moves: if dpm { 6 } else { 32 },
+            cost_weight: 0.002,
+            ..Config::default()
+        };
+        Drs {
+            cfg,
+            dpm: dpm.then(Dpm::default),
+            standby: Vec::new(),
+            draining: Vec::new(),
+            last_moved: Vec::new(),
+        }
+    }
+
+    fn size(&mut self, c: &Cluster) {
+        if self.standby.len() != c.hosts.len() {
+            self.standby = vec![false; c.hosts.len()];
+            self.draining = vec![false; c.hosts.len()];
+            if self.dpm.is_some() {
+                // DPM starts with the hosts that hold nothing switched off.
+                for h in 0..c.hosts.len() {
+                    self.standby[h] = c.hosts[h].vms.is_empty();
+                }
+            }
+        }
+        if self.last_moved.len() != c.vms.len() {
+            self.last_moved = vec![None; c.vms.len()];
+        }
+    }
+
+    /// The scheduler's view of the simulated fleet right now.
+    fn snapshot(&self, c: &Cluster, t: f64) -> Snapshot {
+        let hosts = (0..c.hosts.len())
+            .map(|h| {
+                let hr = &c.hosts[h];
+                let state = if !hr.up {
+                    HostState::Down
+                } else if hr.maintenance || self.standby[h] || self.draining[h] {
+                    HostState::InMaintenance
+                } else {
+                    HostState::Connected
+                };
+                let spec = c.host_spec(h);
+                // In CloudSim-compatible runs memory is not a placement limit (see Fleet::cloudsim_ram).
+                let memory_mib = if c.fleet.cloudsim_ram {
+                    1e12
+                } else {
+                    spec.ram_mb as f64
+                };
+                Host {
+                    id: host_id(h),
+                    cpu_mhz: spec.total_mips(),
+                    memory_mib,
+                    cpu_features: Default::default(),
+                    state,
+                }
+            })
+            .collect();
+        let mut vms = Vec::with_capacity(c.vms.len());
+        let mut in_flight = Vec::new();
+        for (v, vm) in c.vms.iter().enumerate() {
+            let Some(h) = vm.host else { continue };
+            let vs = c.vm_spec(v);
+            let demand = vm.req_mips / vs.total_mips();
+            vms.push(Vm {
+                id: vm_id(v),
+                host: host_id(h),
+                vcpus: vs.pes,
+                memory_mib: vs.ram_mb as f64,
+                cpu_demand_mhz: vm.req_mips,
+                active_memory_mib: vs.ram_mb as f64,
+                dirty_rate_mib_s: vs.dirty_mb_s * demand,
+                cpu: Default::default(),
+                memory: Default::default(),
+                pool: None,
+                cpu_baseline: Default::default(),
+                do_not_migrate: vm.dest.is_some(),
+                last_migrated_s: self.last_moved[v],
+            });
+            if let Some(d) = vm.dest {
+                in_flight.push(InFlight {
+                    vm: vm_id(v),
+                    to: host_id(d),
+                });
+            }
+        }
+        Snapshot {
+            now_s: t,
+            hosts,
+            vms,
+            in_flight,
+            ..Default::default()
+        }
+    }
+
+    fn sim_moves(&mut self, moves: &[tern_scheduler::Move], t: f64) -> Vec<Move> {
+        let mut out = Vec::new();
+        for m in moves {
+            if let (Some(vm), Some(to)) = (parse(&m.vm, 'v'), parse(&m.to, 'h')) {
+                if vm < self.last_moved.len() {
+                    self.last_moved[vm] = Some(t);
+                }
+                out.push(Move { vm, to });
+            }
+        }
+        out
+    }
+
+    fn power_management(&mut self, c: &Cluster, t: f64, dpm: &Dpm) -> Vec<Move> {
+        let n = c.hosts.len();
+        // Hosts that finished draining are switched off.
+        for h in 0..n {
+            if self.draining[h] && c.hosts[h].vms.is_empty() {
+                self.draining[h] = false;
+                self.standby[h] = true;
+            }
+        }
+        let on: Vec<usize> = (0..n)
+            .filter(|&h| {
+                c.hosts[h].up && !c.hosts[h].maintenance && !self.standby[h] && !self.draining[h]
+            })
+            .collect();
+        let demand: f64 = c.vms.iter().map(|v| v.req_mips).sum();
+        let mut cap: f64 = on.iter().map(|&h| c.host_spec(h).total_mips()).sum();
+        let util = if cap > 0.0 { demand / cap } else { 1.0 };
+        if util > dpm.high {
+            // Wake standby hosts until the target is reachable.
+            for h in 0..n {
+                if demand / cap.max(1e-9) <= dpm.target {
+                    break;
+                }
+                if self.standby[h] && c.hosts[h].up {
+                    self.standby[h] = false;
+                    cap += c.host_spec(h).total_mips();
+                }
+            }
+            return Vec::new();
+        }
+        if util >= dpm.low {
+            return Vec::new();
+        }
+        // Switch off the least-loaded hosts while the rest stay under the target.
+        let mut order = on.clone();
+        order.sort_by(|&a, &b| {
+            let la = c.hosts[a].req_mips / c.host_spec(a).total_mips();
+            let lb = c.hosts[b].req_mips / c.host_spec(b).total_mips();
+            la.total_cmp(&lb).then(a.cmp(&b))
+        });
+        let mut moves = Vec::new();
+        let (mut off, mut tries) = (0, 0);
+        for h in order {
+            tries += 1;
+            if off >= dpm.max_off_per_tick || tries > 4 * dpm.max_off_per_tick {
+                break;
+            }
+            let rest = cap - c.host_spec(h).total_mips();
+            if rest <= 0.0 || demand / rest > dpm.target {
+                break;
+            }
+            let Ok(cluster) = tern_scheduler::Cluster::new(self.snapshot(c, t)) else {
+                break;
+            };
+            let Ok(ev) = tern_scheduler::evacuate(&cluster, &host_id(h), &self.cfg) else {
+                continue;
+            };
+            if !ev.stuck.is_empty() {
+                continue;
+            }
+            self.draining[h] = true;
+            cap = rest;
+            off += 1;
+            moves.extend(self.sim_moves(&ev.moves, t));
+        }
+        moves
+    }
+}
+
+fn host_id(h: usize) -> String {
+    format!("h{h}")
+}
+fn vm_id(v: usize) -> String {
+    format!("v{v}")
+}
+fn parse(id: &str, prefix: char) -> Option<usize> {
+    id.strip_prefix(prefix)?.parse().ok()
+}
+
+impl Policy for Drs {
+    fn name(&self) -> String {
+        if self.dpm.is_some() { "drs+dpm" } else { "drs" }.into()
+    }
+
+    fn initial_placement(&mut self, c: &Cluster) -> Vec<Option<usize>> {
+        // Same starting point as the baseline, so runs compare policies, not placements.
+        pabfd_initial(c)
+    }
+
+    fn restart(&mut self, c: &Cluster, vms: &[usize]) -> Vec<Option<usize>> {
+        self.size(c);
+        let Ok(mut cluster) = tern_scheduler::Cluster::new(self.snapshot(c, 0.0)) else {
+            return vec![None; vms.len()];
+        };
+        let mut out = Vec::new();
+        for &v in vms {
+            let vs = c.vm_spec(v);
+            let vm = Vm {
+                id: vm_id(v),
+                host: String::new(),
+                vcpus: vs.pes,
+                memory_mib: vs.ram_mb as f64,
+                cpu_demand_mhz: c.vms[v].req_mips,
+                active_memory_mib: vs.ram_mb as f64,
+                dirty_rate_mib_s: 0.0,
+                cpu: Default::default(),
+                memory: Default::default(),
+                pool: None,
+                cpu_baseline: Default::default(),
+                do_not_migrate: false,
+                last_migrated_s: None,
+            };
+            let host = tern_scheduler::place(&cluster, &vm, &self.cfg)
+                .ok()
+                .and_then(|p| p.host)
+                .and_then(|h| parse(&h, 'h'));
+            if let Some(h) = host {
+                let mut snap = cluster.snapshot().clone();
+                snap.vms.push(Vm {
+                    host: host_id(h),
+                    ..vm
+                });
+                if let Ok(next) = tern_scheduler::Cluster::new(snap) {
+                    cluster = next;
+                }
+            }
+            out.push(host);
+        }
+        out
+    }
+
+    fn evacuate(&mut self, c: &Cluster, h: usize) -> Vec<Move> {
+        self.size(c);
+        let Ok(cluster) = tern_scheduler::Cluster::new(self.snapshot(c, 0.0)) else {
+            return Vec::new();
+        };
+        match tern_scheduler::evacuate(&cluster, &host_id(h), &self.cfg) {
+            Ok(ev) => self.sim_moves(&ev.moves, 0.0),
+            Err(_) => Vec::new(),
+        }
+    }
+
+    fn optimize(&mut self, c: &Cluster, t: f64) -> Vec<Move> {
+        self.size(c);
+        let mut moves = Vec::new();
+        if let Some(dpm) = self.dpm.clone() {
+            moves = self.power_management(c, t, &dpm);
+            if !moves.is_empty() {
+                return moves; // one kind of change per tick keeps the plans consistent
+            }
+        }
+        let Ok(cluster) = tern_scheduler::Cluster::new(self.snapshot(c, t)) else {
+            return moves;
+        };
+        let plan = tern_scheduler::balance(&cluster, &self.cfg);
+        tracing::debug!(t, ?plan, "drs balance");
+        if let Ok(plan) = plan {
+            moves = self.sim_moves(&plan.moves, t);
+        }
+        moves
+    }
+}

@@ -1,0 +1,35 @@
+//! No management: the initial placement stays as it is.
+use crate::cluster::Cluster;
+use crate::policy::lrmmt::pabfd_initial;
+use crate::policy::plan::Plan;
+use crate::policy::{Move, Policy};
+
+pub struct NoMigration;
+
+impl Policy for NoMigration {
+    fn name(&self) -> String {
+        "none".into()
+    }
+    fn initial_placement(&mut self, c: &Cluster) -> Vec<Option<usize>> {
+        pabfd_initial(c)
+    }
+    fn restart(&mut self, c: &Cluster, vms: &[usize]) -> Vec<Option<usize>> {
+        let mut plan = Plan::new(c);
+        let none = vec![false; c.hosts.len()];
+        vms.iter()
+            .map(|&v| {
+                let h = plan.find_host(v, &none);
+                if let Some(h) = h {
+                    plan.create(h, v);
+                }
+                h
+            })
+            .collect()
+    }
+    fn evacuate(&mut self, c: &Cluster, h: usize) -> Vec<Move> {
+        crate::policy::lrmmt::evacuate_pabfd(c, h)
+    }
+    fn optimize(&mut self, _c: &Cluster, _t: f64) -> Vec<Move> {
+        Vec::new()
+    }
+}

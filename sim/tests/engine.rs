@@ -1,0 +1,267 @@
+//! End-to-end runs of the library on small fleets built in the test (no shared data).
+use std::io::Write;
+use tern_sim::cluster::Cluster;
+use tern_sim::fleet::{Fleet, HostSpec, VmSpec};
+use tern_sim::migration::MigrationModel;
+use tern_sim::policy::{self, Move, Policy};
+use tern_sim::power::PowerModel;
+use tern_sim::workload::Workload;
+
+fn host(pe_mips: f64, ram_mb: u64) -> HostSpec {
+    HostSpec {
+        pes: 1,
+        pe_mips,
+        ram_mb,
+        bw_mbps: 1000.0,
+        power: PowerModel::ML110_G4,
+    }
+}
+
+fn vm(mips: f64, ram_mb: u64, demand: f64) -> VmSpec {
+    VmSpec {
+        pes: 1,
+        mips,
+        ram_mb,
+        bw_mbps: 0.0,
+        dirty_mb_s: 0.0,
+        workload: Workload::Samples {
+            samples: vec![demand; 10].into(),
+            interval_s: 300.0,
+        },
+    }
+}
+
+fn fleet(hosts: Vec<HostSpec>, vms: Vec<VmSpec>, duration_s: f64) -> Fleet {
+    Fleet {
+        hosts,
+        vms,
+        interval_s: 300.0,
+        duration_s,
+        migration: MigrationModel::cloudsim(),
+        events: Vec::new(),
+        cloudsim_ram: false,
+        spread_initial: false,
+    }
+}
+
+/// Places VM i on host i and, at the first tick, moves VM 0 to the last host.
+struct OneMove {
+    done: bool,
+}
+
+impl Policy for OneMove {
+    fn name(&self) -> String {
+        "one-move".into()
+    }
+    fn initial_placement(&mut self, c: &Cluster) -> Vec<Option<usize>> {
+        (0..c.vms.len()).map(Some).collect()
+    }
+    fn restart(&mut self, _c: &Cluster, vms: &[usize]) -> Vec<Option<usize>> {
+        vec![None; vms.len()]
+    }
+    fn evacuate(&mut self, _c: &Cluster, _h: usize) -> Vec<Move> {
+        Vec::new()
+    }
+    fn optimize(&mut self, c: &Cluster, _t: f64) -> Vec<Move> {
+        if std::mem::replace(&mut self.done, true) {
+            return Vec::new();
+        }
+        vec![Move {
+            vm: 0,
+            to: c.hosts.len() - 1,
+        }]
+    }
+}
+
+fn run(f: &Fleet, p: &mut dyn Policy) -> tern_sim::metrics::Report {
+    tern_sim::run(f, p, 1, &mut |_, _| {}).expect("run")
+}
+
+#[test]
+fn energy_matches_hand_computed_trapezoids() {
+    // One host at a constant 50 %: ticks at 300, 600, 900; the interval before the first
+    // measurement is not charged (the host reads 0 %, i.e. off), then 2 x 300 s at 102 W.
+    let f = fleet(vec![host(1000.0, 4096)], vec![vm(1000.0, 512, 0.5)], 1200.0);
+    let r = run(&f, policy::by_name("none").unwrap().as_mut());
+    let expected_kwh = 2.0 * 300.0 * 102.0 / 3.6e6;
+    assert!(
+        (r.energy_kwh - expected_kwh).abs() < 1e-12,
+        "{} vs {}",
+        r.energy_kwh,
+        expected_kwh
+    );
+    assert_eq!(r.migrations, 0);
+    assert_eq!(r.slatah, 0.0);
+}
+
+#[test]
+fn overcommitted_host_is_in_violation_and_demand_is_unmet() {
+    // Two VMs asking 600 MIPS each on a 1000 MIPS host: each gets 500; a sixth is unmet.
+    let f = fleet(
+        vec![host(1000.0, 4096)],
+        vec![vm(1000.0, 512, 0.6), vm(1000.0, 512, 0.6)],
+        1200.0,
+    );
+    let r = run(&f, &mut OneMoveFree);
+    assert!((r.slatah - 1.0).abs() < 1e-12, "slatah {}", r.slatah);
+    assert!(
+        (r.unmet_demand - 1.0 / 6.0).abs() < 1e-9,
+        "unmet {}",
+        r.unmet_demand
+    );
+    assert_eq!(r.pdm, 0.0);
+}
+
+/// Like `none`, but places VMs without a power model: all on host 0.
+struct OneMoveFree;
+impl Policy for OneMoveFree {
+    fn name(&self) -> String {
+        "pinned".into()
+    }
+    fn initial_placement(&mut self, c: &Cluster) -> Vec<Option<usize>> {
+        vec![Some(0); c.vms.len()]
+    }
+    fn restart(&mut self, _c: &Cluster, vms: &[usize]) -> Vec<Option<usize>> {
+        vec![None; vms.len()]
+    }
+    fn evacuate(&mut self, _c: &Cluster, _h: usize) -> Vec<Move> {
+        Vec::new()
+    }
+    fn optimize(&mut self, _c: &Cluster, _t: f64) -> Vec<Move> {
+        Vec::new()
+    }
+}
+
+#[test]
+fn migration_degradation_matches_hand_computed_pdm() {
+    // VM 0 (500 MIPS asked, 1000 MB) moves at t=300 over 1 Gbit/s at half bandwidth: 16 s at
+    // 90 % of its ask. Its demand is accounted over 300..900 s.
+    let f = fleet(
+        vec![host(1000.0, 4096), host(1000.0, 4096)],
+        vec![vm(1000.0, 1000, 0.5)],
+        1200.0,
+    );
+    let r = run(&f, &mut OneMove { done: false });
+    assert_eq!(r.migrations, 1);
+    let expected = 0.1 * 500.0 * 16.0 / (500.0 * 600.0);
+    assert!(
+        (r.pdm - expected).abs() < 1e-9,
+        "pdm {} vs {}",
+        r.pdm,
+        expected
+    );
+    assert!((r.bytes_moved - 1000e6).abs() < 1.0);
+    assert!(
+        r.slatah > 0.0,
+        "the destination is short while it reserves only 10 %"
+    );
+}
+
+#[test]
+fn moves_beyond_memory_are_refused() {
+    // The destination has 512 MB: VM 0 (1000 MB) cannot go there.
+    let f = fleet(
+        vec![host(1000.0, 4096), host(1000.0, 512)],
+        vec![vm(1000.0, 1000, 0.5)],
+        1200.0,
+    );
+    let r = run(&f, &mut OneMove { done: false });
+    assert_eq!(r.migrations, 0);
+    assert_eq!(r.rejected_moves, 1);
+    assert!(r.peak_ram_ratio <= 1.0);
+}
+
+#[test]
+fn every_policy_respects_memory_and_repeats_under_a_seed() {
+    for name in ["none", "lr-mmt", "drs", "drs+dpm"] {
+        let f = Fleet::synthetic(12, 60, 0.5, 42).unwrap();
+        let a = run(&f, policy::by_name(name).unwrap().as_mut());
+        let b = run(&f, policy::by_name(name).unwrap().as_mut());
+        assert!(
+            a.peak_ram_ratio <= 1.0,
+            "{name}: peak memory {}",
+            a.peak_ram_ratio
+        );
+        assert_eq!(
+            serde_json::to_string(&a).unwrap(),
+            serde_json::to_string(&b).unwrap(),
+            "{name} not deterministic"
+        );
+        let g = Fleet::synthetic(12, 60, 0.5, 43).unwrap();
+        let c = run(&g, policy::by_name(name).unwrap().as_mut());
+        assert_ne!(a.energy_kwh, c.energy_kwh, "{name}: seed changes nothing");
+    }
+}
+
+/// Writes a small PlanetLab-style trace set: 40 VMs, 288 samples, mixed shapes.
+fn write_traces(dir: &std::path::Path) {
+    for i in 0..40 {
+        let mut f = std::fs::File::create(dir.join(format!("vm{i:02}"))).unwrap();
+        for k in 0..288 {
+            let v = match i % 4 {
+                0 => 5 + (k % 7),
+                1 => (20.0 + (k as f64 / 288.0 * std::f64::consts::TAU).sin() * 15.0) as usize,
+                2 => {
+                    if k % 50 < 5 {
+                        90
+                    } else {
+                        10
+                    }
+                }
+                _ => (k * 37 + i * 11) % 60,
+            };
+            writeln!(f, "{v}").unwrap();
+        }
+    }
+}
+
+#[test]
+fn lr_mmt_consolidates_a_generated_trace() {
+    let d = tempfile::tempdir().unwrap();
+    write_traces(d.path());
+    let traces = tern_sim::trace::read_trace_dir(d.path()).unwrap();
+    let f = Fleet::planetlab(traces, &[], 40).unwrap();
+    let none = run(&f, policy::by_name("none").unwrap().as_mut());
+    let lr = run(&f, policy::by_name("lr-mmt").unwrap().as_mut());
+    assert!(lr.migrations > 0);
+    assert!(
+        lr.mean_active_hosts < none.mean_active_hosts,
+        "{} vs {}",
+        lr.mean_active_hosts,
+        none.mean_active_hosts
+    );
+    assert!(lr.energy_kwh < none.energy_kwh);
+    assert!(lr.pdm > 0.0 && lr.pdm < 0.01);
+    assert!(lr.peak_ram_ratio <= 1.0);
+    let drs = run(&f, policy::by_name("drs").unwrap().as_mut());
+    assert!(
+        drs.mean_imbalance <= none.mean_imbalance,
+        "{} vs {}",
+        drs.mean_imbalance,
+        none.mean_imbalance
+    );
+}
+
+#[test]
+fn host_failure_restarts_vms_and_maintenance_empties_the_host() {
+    use tern_sim::fleet::{EventKind, HostEvent};
+    let mut f = Fleet::synthetic(8, 24, 0.25, 5).unwrap();
+    f.events = vec![
+        HostEvent {
+            at_s: 1000.0,
+            host: 0,
+            kind: EventKind::Fail,
+        },
+        HostEvent {
+            at_s: 2000.0,
+            host: 1,
+            kind: EventKind::MaintenanceEnter,
+        },
+    ];
+    for name in ["none", "lr-mmt", "drs", "drs+dpm"] {
+        let r = run(&f, policy::by_name(name).unwrap().as_mut());
+        assert!(r.peak_ram_ratio <= 1.0);
+        assert!(r.timeline.iter().all(|p| p.load >= 0.0));
+        let _ = r.restarts;
+    }
+}

@@ -1,0 +1,98 @@
+//! `tern sim` end to end: the real binary on traces the test writes.
+use std::io::Write;
+use std::process::Command;
+
+fn tern() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_tern"))
+}
+
+fn write_traces(dir: &std::path::Path, n: usize) {
+    for i in 0..n {
+        let mut f = std::fs::File::create(dir.join(format!("node {i}"))).unwrap();
+        for k in 0..288 {
+            writeln!(f, "{}", (k * 13 + i * 7) % 70).unwrap();
+        }
+    }
+}
+
+#[test]
+fn json_report_and_plot_from_a_trace_dir() {
+    let d = tempfile::tempdir().unwrap();
+    let traces = d.path().join("day");
+    std::fs::create_dir(&traces).unwrap();
+    write_traces(&traces, 16);
+    let plot = d.path().join("run.svg");
+    let out = tern()
+        .args([
+            "sim", "--policy", "lr-mmt", "--hosts", "16", "--json", "--quiet", "--trace",
+        ])
+        .arg(&traces)
+        .arg("--plot")
+        .arg(&plot)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(r["policy"], "lr-mmt");
+    assert_eq!(r["vms"], 16);
+    assert!(r["energy_kwh"].as_f64().unwrap() > 0.0);
+    assert_eq!(r["timeline"].as_array().unwrap().len(), 287);
+    let svg = std::fs::read_to_string(&plot).unwrap();
+    assert!(svg.starts_with("<svg") && svg.contains("polyline"));
+}
+
+#[test]
+fn malformed_trace_is_a_clear_error() {
+    let d = tempfile::tempdir().unwrap();
+    write_traces(d.path(), 2);
+    std::fs::write(d.path().join("broken"), "10\n20\nlots\n").unwrap();
+    let out = tern()
+        .args(["sim", "--quiet", "--trace"])
+        .arg(d.path())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("broken:3:"), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+}
+
+#[test]
+fn synthetic_run_and_unknown_policy() {
+    let out = tern()
+        .args([
+            "sim",
+            "--synthetic",
+            "--hosts",
+            "6",
+            "--vms",
+            "30",
+            "--days",
+            "0.2",
+            "--policy",
+            "drs+dpm",
+            "--json",
+            "--seed",
+            "3",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(r["policy"], "drs+dpm");
+    assert!(r["peak_ram_ratio"].as_f64().unwrap() <= 1.0);
+    let out = tern()
+        .args(["sim", "--synthetic", "--policy", "magic"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("unknown policy"));
+}
