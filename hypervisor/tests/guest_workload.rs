@@ -149,11 +149,18 @@ fn duty_cycle_is_honoured() {
     eprintln!("duty=30: vCPU thread on CPU {got:.1}%, runnable {demand:.1}%");
     // On CPU can never exceed the duty (+10 points). Runnable time also counts the wake-up
     // latency after each timer tick, which grows with host load (measured 46% at load 10
-    // on 2 cores, 100% for duty=100), so its upper bound is loose; an ignored duty gives 100.
+    // on 2 cores), so the "within 10 points" bound holds only while the thread barely
+    // waited for a CPU (measured 30.8% on a quiet machine); an ignored duty gives 100.
+    let waited = (w1 - w0).as_secs_f64() / wall * 100.0;
     assert!(got <= 40.0, "vCPU used {got:.1}% CPU for duty=30");
+    let allowed = if waited < 5.0 {
+        20.0..=40.0
+    } else {
+        20.0..=65.0
+    };
     assert!(
-        (20.0..=65.0).contains(&demand),
-        "vCPU runnable {demand:.1}% for duty=30"
+        allowed.contains(&demand),
+        "vCPU runnable {demand:.1}% (waited {waited:.1}%) for duty=30"
     );
     assert_eq!(status(&vm).mismatches, 0);
 }
