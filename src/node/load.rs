@@ -32,7 +32,7 @@ fn sample(ctx: &HostCtx, prev: &mut Prev) -> HashMap<String, VmLoad> {
                 name.clone(),
                 VmLoad {
                     cpu_percent: (cpu - c).max(0.0) / dt * 100.0,
-                    active_mib: touched * 4096 >> 20,
+                    active_mib: (touched * 4096) >> 20,
                     dirty_mib_s: written.saturating_sub(*w) as f64 * 4096.0 / dt / 1048576.0,
                 },
             );

@@ -9,6 +9,7 @@ pub mod inbound;
 pub mod load;
 mod metrics;
 pub mod outbound;
+pub mod queue_view;
 pub mod sched_view;
 pub mod vm_api;
 

@@ -1,7 +1,6 @@
 //! The source side: the executor runs this host's queued migration tasks in priority order
 //! within the slots (checked again when `Running` is committed), streams each VM to the
 //! destination's per-task listener, and gates the switchover on the Raft commit of ownership.
-use std::cmp::Reverse;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -75,17 +74,12 @@ fn step(ctx: &Arc<HostCtx>, state: &ClusterState) {
             token.cancel();
         }
     }
-    let mut queued: Vec<&MigrationTask> = state
-        .tasks
-        .values()
-        .filter(|t| t.from == ctx.id && t.state == TaskState::Queued)
-        .filter(|t| !cancels.contains_key(&t.id))
-        .collect();
-    queued.sort_by_key(|t| (Reverse(t.priority), t.id));
-    // Start only the first task that fits; the next change re-runs this step.
-    let Some(task) = queued
+    // The scheduler's queue decides, over the whole cluster's committed tasks, which may start.
+    // Start only the first of ours; the commit of `Running` re-runs this step.
+    let Some(task) = super::queue_view::startable(state, ctx.id)
         .into_iter()
-        .find(|t| state.slot_free(t.from, t.to).is_ok())
+        .filter(|id| !cancels.contains_key(id))
+        .find_map(|id| state.tasks.get(&id))
     else {
         return;
     };

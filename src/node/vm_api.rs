@@ -293,6 +293,16 @@ pub fn new_token() -> std::io::Result<String> {
 
 /// Queue a migration task (the source node's executor runs it).
 pub async fn queue_migration(ctx: &HostCtx, body: MigrationBody) -> Result<TaskId, ApiError> {
+    if body.priority >= PRIORITY_HIGH {
+        let state = ctx.state();
+        let from = state
+            .vms
+            .get(&body.vm)
+            .map(|v| v.owner)
+            .ok_or_else(|| with_status(StatusCode::NOT_FOUND, format!("no vm {}", body.vm)))?;
+        super::queue_view::admit_high(&state, &body.vm, from, body.to)
+            .map_err(|reason| with_status(StatusCode::CONFLICT, reason))?;
+    }
     let token =
         new_token().map_err(|e| with_status(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
     let applied = ctx
