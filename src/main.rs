@@ -42,6 +42,10 @@ enum Command {
     Task(cmd::migrate::TaskArgs),
     /// The audit trail of migration tasks.
     Audit(cmd::migrate::AuditArgs),
+    /// Resource pools (reservation, limit, shares).
+    Pool(cmd::placement::PoolArgs),
+    /// Affinity and anti-affinity rules (VM-VM, VM-host; must or should).
+    Rule(cmd::placement::RuleArgs),
     /// Simulate a fleet under a balancing policy.
     Sim(cmd::sim::SimArgs),
 }
@@ -61,6 +65,8 @@ fn main() -> std::process::ExitCode {
         Command::Migrate(args) => cmd::migrate::run_migrate(args),
         Command::Task(args) => cmd::migrate::run_task(args),
         Command::Audit(args) => cmd::migrate::run_audit(args),
+        Command::Pool(args) => cmd::placement::run_pool(args),
+        Command::Rule(args) => cmd::placement::run_rule(args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -334,3 +334,67 @@ fn cluster_kill_leader_mid_migration_ends_with_one_owner() {
     c.assert_single_owners();
     c.wait_guest_progress("l", c.state()["vms"]["l"]["owner"].as_u64().unwrap());
 }
+
+#[test]
+fn cluster_rules_and_pools_steer_drs_and_placement() {
+    if !have_kvm() {
+        return;
+    }
+    let c = Cluster::start(3, &["--load-interval-ms", "300"]);
+    c.tern_ok(&[
+        "pool",
+        "set",
+        "gold",
+        "--memory-reservation",
+        "128",
+        "--shares",
+        "8000",
+    ]);
+    c.tern_ok(&[
+        "vm",
+        "create",
+        "a",
+        "--memory",
+        "64M",
+        "--workload",
+        "wss=8M,rate=500",
+        "--host",
+        "1",
+        "--pool",
+        "gold",
+    ]);
+    c.create_vm("b", 1, "wss=8M,rate=500");
+    let pools = c.tern_ok(&["pool", "list"]);
+    assert!(pools.contains("gold") && pools.contains('a'), "{pools}");
+    // A rule naming a VM that does not exist changes nothing.
+    let (ok, _, err) = c.tern_at(
+        &c.live(),
+        &["rule", "set", "bad", "--kind", "apart", "--vms", "a,nope"],
+    );
+    assert!(!ok && err.contains("nope"), "{err}");
+    // A hard anti-affinity rule that the current placement breaks: DRS fixes it by itself.
+    c.tern_ok(&[
+        "rule", "set", "ab-apart", "--kind", "apart", "--vms", "a,b", "--user", "ops",
+    ]);
+    assert!(c.tern_ok(&["rule", "list"]).contains("ab-apart"));
+    c.write(json!({"op": "set_drs", "settings":
+        {"automation": "fully-automated", "migration_threshold": 1, "interval_s": 1}}));
+    let owners = wait_for("rule enforced", Duration::from_secs(40), || {
+        let s = c.state();
+        let (a, b) = (
+            s["vms"]["a"]["owner"].clone(),
+            s["vms"]["b"]["owner"].clone(),
+        );
+        (a != b).then_some((a, b))
+    });
+    let tasks = c.wait_tasks_idle(Duration::from_secs(30));
+    assert!(
+        tasks
+            .iter()
+            .any(|t| t["reason"] == json!("drs") && t["state"] == json!("succeeded")),
+        "{tasks:?} {owners:?}"
+    );
+    c.assert_single_owners();
+    c.tern_ok(&["rule", "delete", "ab-apart"]);
+    assert!(c.state()["rules"].get("ab-apart").is_none());
+}

@@ -6,6 +6,7 @@ pub mod drs_cluster;
 pub mod guest;
 pub mod migrate;
 pub mod node;
+pub mod placement;
 pub mod sim;
 pub mod vm;
 pub mod vm_migrate;

@@ -76,7 +76,7 @@ pub fn snapshot(state: &ClusterState, loads: &Loads, now_s: f64) -> Snapshot {
                 dirty_rate_mib_s: load.map_or(0.0, |l| l.dirty_mib_s),
                 cpu: Default::default(),
                 memory: Default::default(),
-                pool: None,
+                pool: vm.pool.clone().filter(|p| state.pools.contains_key(p)),
                 cpu_baseline: Default::default(),
                 do_not_migrate: false,
                 last_migrated_s: last.map(|ms| ms as f64 / 1000.0),
@@ -93,15 +93,90 @@ pub fn snapshot(state: &ClusterState, loads: &Loads, now_s: f64) -> Snapshot {
             to: host_key(t.to),
         })
         .collect();
+    let (host_groups, rules) = rules(state);
     Snapshot {
         now_s,
         hosts,
         vms,
-        pools: Vec::new(),
-        host_groups: Vec::new(),
-        rules: Vec::new(),
+        pools: state.pools.values().map(pool).collect(),
+        host_groups,
+        rules,
         in_flight,
     }
+}
+
+fn pool(p: &tern_consensus::state::ResourcePool) -> tern_scheduler::Pool {
+    use tern_scheduler::PoolAlloc;
+    let shares = f64::from(p.shares.max(1));
+    tern_scheduler::Pool {
+        id: p.name.clone(),
+        parent: None,
+        cpu: PoolAlloc {
+            reservation: p.cpu_reservation_mhz as f64,
+            limit: p.cpu_limit_mhz.map(|l| l as f64),
+            shares,
+            expandable: true,
+        },
+        memory: PoolAlloc {
+            reservation: p.memory_reservation_mib as f64,
+            limit: p.memory_limit_mib.map(|l| l as f64),
+            shares,
+            expandable: true,
+        },
+    }
+}
+
+/// Committed rules as the scheduler's rules (VM-host rules get a host group of their own).
+/// VMs that no longer exist are dropped; a rule left with nothing to constrain is skipped.
+/// The scheduler's VM-VM rules are hard, so "should" VM-VM rules are enforced as "must".
+fn rules(state: &ClusterState) -> (Vec<tern_scheduler::HostGroup>, Vec<tern_scheduler::Rule>) {
+    use tern_consensus::state::RuleKind;
+    use tern_scheduler::{HostGroup, HostRuleMode, Rule};
+    let mut groups = Vec::new();
+    let mut out = Vec::new();
+    for r in state.rules.values() {
+        let vms: Vec<String> = r
+            .vms
+            .iter()
+            .filter(|v| state.vms.contains_key(*v))
+            .cloned()
+            .collect();
+        let id = r.name.clone();
+        match r.kind {
+            RuleKind::VmVmAffinity | RuleKind::VmVmAntiAffinity if vms.len() < 2 => {}
+            RuleKind::VmVmAffinity => out.push(Rule::KeepTogether { id, vms }),
+            RuleKind::VmVmAntiAffinity => out.push(Rule::Separate { id, vms }),
+            RuleKind::VmHostAffinity | RuleKind::VmHostAntiAffinity => {
+                let hosts: Vec<String> = r
+                    .hosts
+                    .iter()
+                    .filter(|h| state.hosts.contains_key(*h))
+                    .map(|h| host_key(*h))
+                    .collect();
+                if vms.is_empty() || hosts.is_empty() {
+                    continue;
+                }
+                let mode = match (r.kind == RuleKind::VmHostAffinity, r.mandatory) {
+                    (true, true) => HostRuleMode::MustRunOn,
+                    (true, false) => HostRuleMode::ShouldRunOn,
+                    (false, true) => HostRuleMode::MustNotRunOn,
+                    (false, false) => HostRuleMode::ShouldNotRunOn,
+                };
+                let group = format!("rule:{id}");
+                groups.push(HostGroup {
+                    id: group.clone(),
+                    hosts,
+                });
+                out.push(Rule::VmHost {
+                    id,
+                    vms,
+                    group,
+                    mode,
+                });
+            }
+        }
+    }
+    (groups, out)
 }
 
 pub fn cluster(state: &ClusterState, loads: &Loads, now_s: f64) -> anyhow::Result<Cluster> {

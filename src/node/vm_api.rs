@@ -178,7 +178,7 @@ fn place(state: &tern_consensus::ClusterState, body: &CreateVmBody) -> Result<u6
         dirty_rate_mib_s: 0.0,
         cpu: Default::default(),
         memory: Default::default(),
-        pool: None,
+        pool: body.pool.clone().filter(|p| state.pools.contains_key(p)),
         cpu_baseline: Default::default(),
         do_not_migrate: false,
         last_migrated_s: None,
