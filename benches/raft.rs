@@ -294,7 +294,10 @@ async fn failover(c: &mut Cluster) -> Duration {
     loop {
         let addr = &survivors[k % 2];
         k += 1;
-        if write(&c.http, addr, Duration::from_millis(500)).await.is_ok() {
+        if write(&c.http, addr, Duration::from_millis(500))
+            .await
+            .is_ok()
+        {
             break;
         }
         assert!(killed.elapsed() < Duration::from_secs(30), "no failover");
@@ -303,11 +306,15 @@ async fn failover(c: &mut Cluster) -> Duration {
     let took = killed.elapsed();
     c.nodes[leader].start(None);
     let new_leader = wait_for("new leader", Duration::from_secs(10), || c.leader()).await;
-    wait_for("restarted node catches up", Duration::from_secs(20), || async {
-        let mine = c.applied(leader).await?;
-        let theirs = c.applied(new_leader).await?;
-        (mine == theirs).then_some(())
-    })
+    wait_for(
+        "restarted node catches up",
+        Duration::from_secs(20),
+        || async {
+            let mine = c.applied(leader).await?;
+            let theirs = c.applied(new_leader).await?;
+            (mine == theirs).then_some(())
+        },
+    )
     .await;
     took
 }
@@ -323,7 +330,8 @@ async fn sled_flush(samples: usize) -> (Duration, Duration) {
     let mut lat = Vec::with_capacity(samples);
     for i in 0..samples as u64 {
         let t = Instant::now();
-        tree.insert(i.to_be_bytes(), vec![7u8; 300]).expect("insert");
+        tree.insert(i.to_be_bytes(), vec![7u8; 300])
+            .expect("insert");
         db.flush_async().await.expect("flush");
         lat.push(t.elapsed());
     }

@@ -383,7 +383,11 @@ fn cluster_minority_cannot_commit_and_majority_keeps_committing() {
     let mut c = Cluster::start_with(3, &[], Some(&proxies));
     let leader = wait_for("leader", Duration::from_secs(5), || c.leader());
     for i in 0..5 {
-        write(&c.node(leader).addr.clone(), schedule(&format!("before-{i}"))).unwrap();
+        write(
+            &c.node(leader).addr.clone(),
+            schedule(&format!("before-{i}")),
+        )
+        .unwrap();
     }
     // Cut the leader off from both followers (the network, not the processes).
     proxies.isolate(leader);
@@ -438,7 +442,10 @@ fn cluster_minority_cannot_commit_and_majority_keeps_committing() {
     sync_commit_index_to_disk(&c, &leader_addr);
     let logs = stop_and_read_logs(&mut c);
     let upto = assert_committed_prefix_agrees(&logs);
-    assert!(upto >= lone_applied + 10, "committed prefix too short: {upto}");
+    assert!(
+        upto >= lone_applied + 10,
+        "committed prefix too short: {upto}"
+    );
     for (id, log) in &logs {
         assert!(
             !log.entries.values().any(|e| e.contains("\"minority\"")),
@@ -458,9 +465,11 @@ fn cluster_five_nodes_restarted_node_catches_up_from_its_own_data() {
     }
     let victim = (1..=5).find(|&id| id != leader).unwrap();
     let victim_addr = c.node(victim).addr.clone();
-    wait_for("victim applied the early writes", Duration::from_secs(5), || {
-        (applied(&victim_addr)? == applied(&leader_addr)?).then_some(())
-    });
+    wait_for(
+        "victim applied the early writes",
+        Duration::from_secs(5),
+        || (applied(&victim_addr)? == applied(&leader_addr)?).then_some(()),
+    );
     c.node(victim).kill();
     // What the victim holds on disk when it comes back: the early writes.
     let before = read_log(&c.node(victim).data);

@@ -103,7 +103,14 @@ impl ProxyNet {
     }
 
     fn nodes(&self) -> Vec<NodeId> {
-        let mut ids: Vec<_> = self.shared.sources.lock().unwrap().values().copied().collect();
+        let mut ids: Vec<_> = self
+            .shared
+            .sources
+            .lock()
+            .unwrap()
+            .values()
+            .copied()
+            .collect();
         ids.sort_unstable();
         ids.dedup();
         ids
@@ -161,7 +168,11 @@ fn accept_loop(listener: TcpListener, shared: Arc<Shared>, dst: NodeId, target: 
 /// Register a connection's sockets; returns its key for `unregister`.
 fn register(shared: &Shared, src: Option<NodeId>, dst: NodeId, sockets: Vec<TcpStream>) -> u64 {
     let key = shared.next_conn.fetch_add(1, Ordering::SeqCst);
-    shared.conns.lock().unwrap().insert(key, Conn { src, dst, sockets });
+    shared
+        .conns
+        .lock()
+        .unwrap()
+        .insert(key, Conn { src, dst, sockets });
     key
 }
 
@@ -174,7 +185,9 @@ fn unregister(shared: &Shared, key: u64) {
 }
 
 fn blackhole(mut client: TcpStream, src: Option<NodeId>, dst: NodeId, shared: &Shared) {
-    let Ok(clone) = client.try_clone() else { return };
+    let Ok(clone) = client.try_clone() else {
+        return;
+    };
     let key = register(shared, src, dst, vec![clone]);
     let mut buf = [0u8; 16 * 1024];
     while matches!(client.read(&mut buf), Ok(n) if n > 0) {}

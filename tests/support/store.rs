@@ -28,7 +28,11 @@ pub fn read_log(data_dir: &Path) -> DiskLog {
         .build()
         .expect("runtime");
     rt.block_on(async {
-        let committed = log.read_committed().await.expect("committed").map(|c| c.index);
+        let committed = log
+            .read_committed()
+            .await
+            .expect("committed")
+            .map(|c| c.index);
         let entries = log
             .try_get_log_entries(0..)
             .await
