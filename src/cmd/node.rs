@@ -14,6 +14,10 @@ pub struct NodeArgs {
     /// Address for the HTTP API and Raft traffic, e.g. 127.0.0.1:7400.
     #[arg(long)]
     listen: String,
+    /// Address the other members use to reach this node (default: the bound listen address),
+    /// e.g. a proxy in front of it. Outgoing peer connections leave from the listen IP.
+    #[arg(long)]
+    advertise: Option<String>,
     /// Data directory (Raft log and state machine live here).
     #[arg(long)]
     data: PathBuf,
@@ -38,6 +42,9 @@ pub struct NodeArgs {
     /// Do not flush the log to disk before acknowledging (unsafe; only to measure its cost).
     #[arg(long)]
     no_fsync: bool,
+    /// A write not committed within this many milliseconds answers 503 (outcome unknown).
+    #[arg(long, default_value_t = 5000)]
+    write_timeout_ms: u64,
 }
 
 pub fn run(args: NodeArgs) -> anyhow::Result<()> {
@@ -47,6 +54,7 @@ pub fn run(args: NodeArgs) -> anyhow::Result<()> {
         data: args.data,
         bootstrap: args.bootstrap,
         join: args.join,
+        advertise: args.advertise,
         raft: RaftOptions {
             heartbeat_ms: args.heartbeat_ms,
             election_min_ms: args.election_ms,
@@ -54,6 +62,9 @@ pub fn run(args: NodeArgs) -> anyhow::Result<()> {
             snapshot_every: args.snapshot_every,
             keep_after_snapshot: args.keep_after_snapshot,
             durable: !args.no_fsync,
+            write_timeout_ms: args.write_timeout_ms,
+            // Set from the bound listen address by `serve`.
+            source_ip: None,
         },
     };
     tokio::runtime::Builder::new_multi_thread()
