@@ -1,6 +1,7 @@
 //! End-to-end cluster tests: real `tern node` processes with a shared datastore, real VMs on
 //! KVM, real live migrations gated by Raft commits.
 mod cluster_e2e_harness;
+mod support;
 
 use std::time::Duration;
 
@@ -397,4 +398,110 @@ fn cluster_rules_and_pools_steer_drs_and_placement() {
     c.assert_single_owners();
     c.tern_ok(&["rule", "delete", "ab-apart"]);
     assert!(c.state()["rules"].get("ab-apart").is_none());
+}
+
+/// Whether node `addr` holds `vm` with running vCPUs (None: the node did not answer).
+fn runs(addr: &str, vm: &str) -> Option<bool> {
+    let l = get(addr, "/v1/local")?;
+    Some(
+        l.as_array()?
+            .iter()
+            .any(|x| x["name"] == json!(vm) && x["running"] == json!(true)),
+    )
+}
+
+#[test]
+fn cluster_source_cut_off_at_switchover_never_runs_the_vm_twice() {
+    if !have_kvm() {
+        return;
+    }
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    use std::sync::Arc;
+    // Host 1 leads; the VM moves from host 2 to host 3.
+    let c = Cluster::start_partitionable(3, &["--migrate-bandwidth-mib", "10"]);
+    c.create_vm("p", 2, "wss=32M,rate=1000,pattern=random");
+    // Let the guest touch its working set so that pre-copy takes a few seconds.
+    std::thread::sleep(Duration::from_secs(3));
+    // Watch both hosts all along: never both running the VM in one sampling round.
+    let stop = Arc::new(AtomicBool::new(false));
+    let doubles = Arc::new(AtomicU64::new(0));
+    let watcher = {
+        let (stop, doubles) = (stop.clone(), doubles.clone());
+        let (a2, a3) = (c.addr(2), c.addr(3));
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::SeqCst) {
+                if runs(&a2, "p") == Some(true) && runs(&a3, "p") == Some(true) {
+                    doubles.fetch_add(1, Ordering::SeqCst);
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        })
+    };
+    c.tern_ok_at(&c.addr(2), &["migrate", "p", "--to", "3"]);
+    let progress = |phase: Option<&str>| {
+        get(&c.addr(2), "/v1/tasks/0/progress").filter(|p| match phase {
+            Some(ph) => p["phase"] == json!(ph),
+            None => {
+                p["bytes_sent"].as_u64() > Some(256 << 10)
+                    && matches!(p["phase"].as_str(), Some("first-pass" | "dirty-rounds"))
+            }
+        })
+    };
+    wait_for("pre-copy running", Duration::from_secs(20), || {
+        progress(None)
+    });
+    // Cut the source off from the Raft majority (the migration stream is direct and goes on).
+    c.proxies().isolate(2);
+    let t0 = std::time::Instant::now();
+    while progress(Some("switchover")).is_none() {
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "no switchover: {:?}\n{}",
+            get(&c.addr(2), "/v1/tasks/0/progress"),
+            c.logs()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // The commit's outcome is unknown to the source: the VM stays paused there, and the
+    // destination, with no commit naming it, does not run it either.
+    let until = std::time::Instant::now() + Duration::from_secs(6);
+    while std::time::Instant::now() < until {
+        assert_eq!(
+            runs(&c.addr(2), "p"),
+            Some(false),
+            "source resumed while cut off"
+        );
+        assert_eq!(
+            runs(&c.addr(3), "p"),
+            Some(false),
+            "destination runs without a commit"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    c.proxies().heal_all();
+    let task = wait_for("task final", Duration::from_secs(60), || {
+        let s = get(&c.addr(1), "/v1/state")?;
+        let t = s["tasks"]["0"].clone();
+        matches!(t["state"].as_str(), Some("succeeded" | "failed")).then_some(t)
+    });
+    // The source fenced the VM (owner kept, epoch bumped), so the transfer can never apply,
+    // and resumed it.
+    assert_eq!(task["state"], json!("failed"), "{task}");
+    assert!(
+        task["error"].as_str().is_some_and(|e| e.contains("fenced")),
+        "{task}"
+    );
+    let s = c.state();
+    assert_eq!(s["vms"]["p"]["owner"], json!(2));
+    assert_eq!(s["vms"]["p"]["epoch"], json!(1));
+    let g = c.wait_guest_progress("p", 2);
+    assert_eq!(g["status"]["mismatches"], json!(0));
+    std::thread::sleep(Duration::from_secs(1));
+    stop.store(true, Ordering::SeqCst);
+    watcher.join().unwrap();
+    assert_eq!(doubles.load(Ordering::SeqCst), 0, "the VM ran on two hosts");
+    c.assert_single_owners();
+    // And the cluster still migrates it afterwards.
+    c.tern_ok_at(&c.addr(1), &["migrate", "p", "--to", "3", "--wait"]);
+    c.assert_single_owners();
 }

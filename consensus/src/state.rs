@@ -287,6 +287,15 @@ pub enum Command {
         expected_epoch: u64,
         to: HostId,
     },
+    /// Compare-and-set that keeps the owner and bumps the epoch: once committed, a transfer
+    /// proposed at `expected_epoch` can never apply. A source whose switchover commit has an
+    /// unknown outcome commits this to learn the outcome for certain (it fails with
+    /// `OwnershipConflict` exactly when the transfer won).
+    FenceVm {
+        vm: String,
+        expected_owner: HostId,
+        expected_epoch: u64,
+    },
     PutPool {
         pool: ResourcePool,
     },
@@ -580,6 +589,31 @@ impl ClusterState {
                     epoch,
                 });
             }
+            Command::FenceVm {
+                vm,
+                expected_owner,
+                expected_epoch,
+            } => {
+                let current = self.vm(vm)?;
+                if current.owner != *expected_owner || current.epoch != *expected_epoch {
+                    return Err(CommandError::OwnershipConflict {
+                        vm: vm.clone(),
+                        owner: current.owner,
+                        epoch: current.epoch,
+                        expected_owner: *expected_owner,
+                        expected_epoch: *expected_epoch,
+                    });
+                }
+                let epoch = expected_epoch + 1;
+                if let Some(v) = self.vms.get_mut(vm) {
+                    v.epoch = epoch;
+                }
+                return Ok(Applied::OwnershipTransferred {
+                    vm: vm.clone(),
+                    owner: *expected_owner,
+                    epoch,
+                });
+            }
             Command::PutPool { pool } => {
                 if pool.name.is_empty() || pool.shares == 0 {
                     return Err(invalid("pool needs a name and non-zero shares"));
@@ -805,6 +839,14 @@ fn describe(cmd: &Command) -> String {
                 expected_epoch + 1
             )
         }
+        Command::FenceVm {
+            vm,
+            expected_owner,
+            expected_epoch,
+        } => format!(
+            "fence vm {vm} on host {expected_owner} (epoch {})",
+            expected_epoch + 1
+        ),
         Command::PutPool { pool } => format!("put pool {}", pool.name),
         Command::DeletePool { name } => format!("delete pool {name}"),
         Command::PutRule { rule } => format!("put rule {}", rule.name),
@@ -828,5 +870,100 @@ fn describe(cmd: &Command) -> String {
             slots.per_source, slots.per_destination, slots.per_cluster
         ),
         Command::Noop => "noop".to_string(),
+    }
+}
+
+#[cfg(test)]
+mod fence_tests {
+    use super::*;
+
+    fn req(command: Command) -> Request {
+        Request {
+            actor: "t".into(),
+            at_ms: 1,
+            command,
+        }
+    }
+
+    fn two_hosts_one_vm() -> ClusterState {
+        let mut s = ClusterState::default();
+        for id in [1, 2] {
+            s.apply(
+                id,
+                &req(Command::RegisterHost {
+                    id,
+                    address: "x".into(),
+                    capacity: Capacity::default(),
+                    cpu_features: vec![],
+                }),
+            )
+            .expect("register");
+        }
+        let spec = VmSpec {
+            name: "vm".into(),
+            vcpus: 1,
+            memory_mib: 64,
+            cpu_features: vec![],
+        };
+        s.apply(
+            3,
+            &req(Command::CreateVm {
+                spec,
+                pool: None,
+                owner: 1,
+            }),
+        )
+        .expect("create");
+        s
+    }
+
+    fn transfer() -> Command {
+        Command::TransferOwnership {
+            vm: "vm".into(),
+            expected_owner: 1,
+            expected_epoch: 0,
+            to: 2,
+        }
+    }
+
+    fn fence() -> Command {
+        Command::FenceVm {
+            vm: "vm".into(),
+            expected_owner: 1,
+            expected_epoch: 0,
+        }
+    }
+
+    #[test]
+    fn a_committed_fence_makes_the_pending_transfer_fail() {
+        let mut s = two_hosts_one_vm();
+        s.apply(4, &req(fence())).expect("fence");
+        let before = s.clone();
+        assert!(matches!(
+            s.apply(5, &req(transfer())),
+            Err(CommandError::OwnershipConflict {
+                owner: 1,
+                epoch: 1,
+                ..
+            })
+        ));
+        assert_eq!(s, before);
+        assert_eq!((s.vms["vm"].owner, s.vms["vm"].epoch), (1, 1));
+    }
+
+    #[test]
+    fn a_fence_after_the_transfer_reports_the_new_owner() {
+        let mut s = two_hosts_one_vm();
+        s.apply(4, &req(transfer())).expect("transfer");
+        let before = s.clone();
+        assert!(matches!(
+            s.apply(5, &req(fence())),
+            Err(CommandError::OwnershipConflict {
+                owner: 2,
+                epoch: 1,
+                ..
+            })
+        ));
+        assert_eq!(s, before);
     }
 }

@@ -14,6 +14,10 @@ pub struct NodeArgs {
     /// Address for the HTTP API and Raft traffic, e.g. 127.0.0.1:7400.
     #[arg(long)]
     listen: String,
+    /// Address the other members use to reach this node (default: the bound listen address),
+    /// e.g. a proxy in front of it. Outgoing peer connections leave from the listen IP.
+    #[arg(long)]
+    advertise: Option<String>,
     /// Data directory (Raft log and state machine live here).
     #[arg(long)]
     data: PathBuf,
@@ -47,6 +51,9 @@ pub struct NodeArgs {
     /// Do not flush the log to disk before acknowledging (unsafe; only to measure its cost).
     #[arg(long)]
     no_fsync: bool,
+    /// A write not committed within this many milliseconds answers 503 (outcome unknown).
+    #[arg(long, default_value_t = 5000)]
+    write_timeout_ms: u64,
 }
 
 pub fn run(args: NodeArgs) -> anyhow::Result<()> {
@@ -59,6 +66,7 @@ pub fn run(args: NodeArgs) -> anyhow::Result<()> {
         datastore: args.datastore,
         migrate_bandwidth_mib: args.migrate_bandwidth_mib,
         load_interval: std::time::Duration::from_millis(args.load_interval_ms.max(100)),
+        advertise: args.advertise,
         raft: RaftOptions {
             heartbeat_ms: args.heartbeat_ms,
             election_min_ms: args.election_ms,
@@ -66,6 +74,9 @@ pub fn run(args: NodeArgs) -> anyhow::Result<()> {
             snapshot_every: args.snapshot_every,
             keep_after_snapshot: args.keep_after_snapshot,
             durable: !args.no_fsync,
+            write_timeout_ms: args.write_timeout_ms,
+            // Set from the bound listen address by `serve`.
+            source_ip: None,
         },
     };
     tokio::runtime::Builder::new_multi_thread()

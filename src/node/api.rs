@@ -134,6 +134,7 @@ fn now_ms() -> u64 {
 impl ApiState {
     pub fn new(node: ConsensusNode, prometheus: PrometheusHandle) -> anyhow::Result<Self> {
         let client = reqwest::Client::builder()
+            .local_address(node.source_ip)
             .tcp_nodelay(true)
             .timeout(Duration::from_secs(10))
             .build()?;

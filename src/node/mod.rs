@@ -26,6 +26,8 @@ pub struct NodeConfig {
     pub data: PathBuf,
     pub bootstrap: bool,
     pub join: Option<String>,
+    /// Address peers use for this node (default: the bound address).
+    pub advertise: Option<String>,
     pub raft: RaftOptions,
     /// Shared directory holding VM configs and disks (same path on every node).
     pub datastore: Option<PathBuf>,
@@ -41,8 +43,11 @@ pub async fn serve(cfg: NodeConfig) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(&cfg.listen)
         .await
         .with_context(|| format!("binding {}", cfg.listen))?;
-    let addr = listener.local_addr()?.to_string();
-    let node = ConsensusNode::open(cfg.id, addr.clone(), &cfg.data, &cfg.raft)
+    let bound = listener.local_addr()?;
+    let addr = cfg.advertise.clone().unwrap_or_else(|| bound.to_string());
+    let mut raft_opts = cfg.raft.clone();
+    raft_opts.source_ip = (!bound.ip().is_unspecified()).then_some(bound.ip());
+    let node = ConsensusNode::open(cfg.id, addr.clone(), &cfg.data, &raft_opts)
         .await
         .context("opening raft")?;
     let prometheus = metrics::install(&node)?;
@@ -60,7 +65,7 @@ pub async fn serve(cfg: NodeConfig) -> anyhow::Result<()> {
     let router = api::router(state.clone()).merge(vm_api::router(ctx.clone()));
     let server = tokio::spawn(async move { axum::serve(listener, router).await });
     tracing::info!(id = cfg.id, %addr, "node listening");
-    println!("tern node {} listening on {addr}", cfg.id);
+    println!("tern node {} listening on {bound}", cfg.id);
 
     let initialized = node.raft.is_initialized().await?;
     if cfg.bootstrap {

@@ -30,23 +30,98 @@ fn actor(ctx: &HostCtx) -> String {
     format!("host/{}", ctx.id)
 }
 
-/// Commit `command`, retrying while the outcome is unknown (no leader, timeouts).
-/// Returns the definite result.
-fn commit_until_known(ctx: &HostCtx, command: Command) -> Result<Applied, ApiError> {
-    let deadline = Instant::now() + Duration::from_secs(3600);
+/// How long the source keeps trying to commit the switchover before it fences the VM.
+const SWITCHOVER_COMMIT_WAIT: Duration = Duration::from_secs(3);
+
+/// Commit `command`, retrying while the outcome is unknown (no leader, timeouts), until
+/// `limit` has passed (`None`: for as long as it takes). Returns the definite result, or the
+/// last unknown-outcome error once the limit has passed.
+fn commit_within(
+    ctx: &HostCtx,
+    command: Command,
+    limit: Option<Duration>,
+) -> Result<Applied, ApiError> {
+    let deadline = limit.map(|l| Instant::now() + l);
     loop {
         match ctx
             .handle
             .block_on(ctx.api.propose(actor(ctx), None, command.clone(), false))
         {
             Ok(a) => return Ok(a),
-            Err(e) if e.rejected.is_some() || Instant::now() >= deadline => return Err(e),
+            Err(e) if e.rejected.is_some() || deadline.is_some_and(|d| Instant::now() >= d) => {
+                return Err(e)
+            }
             Err(e) => {
                 tracing::warn!("commit outcome unknown, retrying: {e}");
                 std::thread::sleep(Duration::from_millis(200));
             }
         }
     }
+}
+
+/// Commit `command`, retrying while the outcome is unknown, for up to an hour.
+fn commit_until_known(ctx: &HostCtx, command: Command) -> Result<Applied, ApiError> {
+    commit_within(ctx, command, Some(Duration::from_secs(3600)))
+}
+
+/// Whether `e` says the VM is already at `owner`, `epoch` (an earlier attempt of ours won).
+fn already(e: &ApiError, owner: u64, epoch: u64) -> bool {
+    matches!(
+        e.rejected,
+        Some(CommandError::OwnershipConflict { owner: o, epoch: e2, .. }) if o == owner && e2 == epoch
+    )
+}
+
+/// The switchover gate: commit `vm := to, epoch + 1`. `Ok` means committed (the destination may
+/// resume); `Err` means certainly not committed (the source resumes). When the outcome stays
+/// unknown, the VM stays paused while this host commits a fence (owner kept, epoch + 1),
+/// retrying for as long as it takes: the fence and the transfer are compare-and-sets on the same
+/// epoch, so exactly one of them wins and its result tells the outcome for certain.
+fn switchover(ctx: &HostCtx, vm: &str, epoch: u64, to: u64) -> Result<(), String> {
+    let transfer = Command::TransferOwnership {
+        vm: vm.to_string(),
+        expected_owner: ctx.id,
+        expected_epoch: epoch,
+        to,
+    };
+    let unknown = match commit_within(ctx, transfer, Some(SWITCHOVER_COMMIT_WAIT)) {
+        Ok(_) => return Ok(()),
+        Err(e) if already(&e, to, epoch + 1) => return Ok(()),
+        Err(e) if e.rejected.is_some() => return Err(e.to_string()),
+        Err(e) => e,
+    };
+    tracing::warn!(
+        vm,
+        "switchover commit outcome unknown ({unknown}); fencing, the VM stays paused until known"
+    );
+    let fence = Command::FenceVm {
+        vm: vm.to_string(),
+        expected_owner: ctx.id,
+        expected_epoch: epoch,
+    };
+    match commit_within(ctx, fence, None) {
+        Err(e) if already(&e, to, epoch + 1) => Ok(()),
+        Ok(_) => fenced(ctx, vm, epoch, &unknown),
+        Err(e) if already(&e, ctx.id, epoch + 1) => fenced(ctx, vm, epoch, &unknown),
+        Err(e) => {
+            // Neither this host nor the destination holds the next epoch: the VM is not ours
+            // to resume. Passing the gate lets the destination check the committed owner itself
+            // (it will not resume either) and makes this host drop its paused copy.
+            tracing::error!(vm, "fence refused: {e}; the VM will not resume here");
+            Ok(())
+        }
+    }
+}
+
+fn fenced(ctx: &HostCtx, vm: &str, epoch: u64, unknown: &ApiError) -> Result<(), String> {
+    if let Some(l) = ctx.vms().get_mut(vm) {
+        l.epoch = epoch + 1;
+    }
+    Err(format!(
+        "switchover commit outcome was unknown ({unknown}); fenced at epoch {}: the VM resumes on \
+         the source",
+        epoch + 1
+    ))
 }
 
 /// Executor loop: on every committed change (and once a second), cancel what was cancelled and
@@ -194,7 +269,7 @@ fn execute(ctx: &Arc<HostCtx>, task: &MigrationTask, cancel: &CancelToken) -> Ta
         local.migrating = true;
         local.vm.clone()
     };
-    let result = stream(ctx, task, &vm, transfer, epoch, cancel);
+    let result = stream(ctx, task, &vm, epoch, cancel);
     match &result {
         Ok(_) | Err(MigrationError::OutcomeUnknown(_)) => {
             // Ownership was committed to the destination: this paused copy must never run.
@@ -220,7 +295,6 @@ fn stream(
     ctx: &Arc<HostCtx>,
     task: &MigrationTask,
     vm: &Arc<tern_hypervisor::migration::KvmMigratable>,
-    transfer: Command,
     epoch: u64,
     cancel: &CancelToken,
 ) -> Result<MigrationStats, MigrationError> {
@@ -259,17 +333,7 @@ fn stream(
         if gate_cancel.is_cancelled() {
             return Err("cancelled".to_string());
         }
-        match commit_until_known(&gate_ctx, transfer) {
-            Ok(_) => {}
-            Err(ApiError {
-                rejected:
-                    Some(CommandError::OwnershipConflict {
-                        owner, epoch: e, ..
-                    }),
-                ..
-            }) if owner == to && e == epoch + 1 => {}
-            Err(e) => return Err(e.to_string()),
-        }
+        switchover(&gate_ctx, &name, epoch, to)?;
         // This host no longer owns the VM: let the destination take the datastore lock.
         if let Some(l) = gate_ctx.vms().get_mut(&name) {
             l.lock = None;

@@ -6,6 +6,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
+use crate::support::proxy::ProxyNet;
+
 pub fn have_kvm() -> bool {
     if std::path::Path::new("/dev/kvm").exists() {
         true
@@ -20,6 +22,8 @@ pub struct Node {
     pub addr: String,
     pub data: std::path::PathBuf,
     pub child: Option<Child>,
+    /// The address peers use (its proxy), when the cluster is partitionable.
+    pub advertise: Option<String>,
 }
 
 impl Node {
@@ -43,6 +47,8 @@ pub struct Cluster {
     pub datastore: std::path::PathBuf,
     pub extra: Vec<String>,
     pub dir: tempfile::TempDir,
+    /// Proxies in front of every node's peer address (see `start_partitionable`).
+    pub proxies: Option<ProxyNet>,
 }
 
 /// A random 127.a.b.0/24 network per test so concurrent runs never share ports.
@@ -101,15 +107,38 @@ pub fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<
 
 impl Cluster {
     pub fn start(n: u64, extra: &[&str]) -> Cluster {
+        Self::start_with(n, extra, false)
+    }
+
+    /// Every node advertises a proxy on its own IP, so the test can cut the links between
+    /// nodes (Raft and API traffic); migration streams connect directly, like a separate
+    /// migration network.
+    pub fn start_partitionable(n: u64, extra: &[&str]) -> Cluster {
+        Self::start_with(n, extra, true)
+    }
+
+    pub fn proxies(&self) -> &ProxyNet {
+        self.proxies.as_ref().expect("a partitionable cluster")
+    }
+
+    fn start_with(n: u64, extra: &[&str], partitionable: bool) -> Cluster {
         let dir = tempfile::tempdir().unwrap();
+        let proxies = partitionable.then(ProxyNet::new);
         let (a, b) = net();
         let datastore = dir.path().join("datastore");
         let nodes: Vec<Node> = (1..=n)
-            .map(|id| Node {
-                id,
-                addr: format!("127.{a}.{b}.{id}:7400"),
-                data: dir.path().join(format!("n{id}")),
-                child: None,
+            .map(|id| {
+                let addr: std::net::SocketAddr = format!("127.{a}.{b}.{id}:7400").parse().unwrap();
+                let advertise = proxies
+                    .as_ref()
+                    .map(|p| p.add_node(id, addr.ip(), addr.ip(), addr).to_string());
+                Node {
+                    id,
+                    addr: addr.to_string(),
+                    data: dir.path().join(format!("n{id}")),
+                    child: None,
+                    advertise,
+                }
             })
             .collect();
         let mut c = Cluster {
@@ -117,6 +146,7 @@ impl Cluster {
             datastore,
             extra: extra.iter().map(|s| s.to_string()).collect(),
             dir,
+            proxies,
         };
         c.start_node(1, None);
         let seed = c.addr(1);
@@ -136,15 +166,18 @@ impl Cluster {
     }
 
     pub fn start_node(&mut self, id: u64, join: Option<&str>) {
-        let (addr, data) = {
+        let (addr, data, advertise) = {
             let n = &self.nodes[(id - 1) as usize];
-            (n.addr.clone(), n.data.clone())
+            (n.addr.clone(), n.data.clone(), n.advertise.clone())
         };
         let log = std::fs::File::create(self.dir.path().join(format!("n{id}.log"))).unwrap();
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_tern"));
         cmd.args(["node", "--id", &id.to_string(), "--listen", &addr]);
         cmd.arg("--data").arg(&data);
         cmd.arg("--datastore").arg(&self.datastore);
+        if let Some(a) = &advertise {
+            cmd.args(["--advertise", a]);
+        }
         match join {
             Some(seed) => cmd.args(["--join", seed]),
             None => cmd.arg("--bootstrap"),
