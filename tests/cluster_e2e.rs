@@ -505,3 +505,75 @@ fn cluster_source_cut_off_at_switchover_never_runs_the_vm_twice() {
     c.tern_ok_at(&c.addr(1), &["migrate", "p", "--to", "3", "--wait"]);
     c.assert_single_owners();
 }
+
+#[test]
+fn cluster_scheduled_migration_fires_after_a_leader_change_and_tasks_cancel() {
+    if !have_kvm() {
+        return;
+    }
+    let mut c = Cluster::start(3, &["--migrate-bandwidth-mib", "10"]);
+    c.create_vm("s", 2, "wss=8M,rate=500");
+    c.create_vm("c1", 3, "wss=32M,rate=2000,pattern=random");
+    c.create_vm("c2", 3, "wss=8M,rate=500");
+    let out = c.tern_ok_at(
+        &c.addr(2),
+        &["migrate", "s", "--to", "3", "--at", "+6s", "--user", "bob"],
+    );
+    assert!(out.contains("schedule"), "{out}");
+    // The leader that would have fired it dies; the schedule is in the Raft log.
+    c.node(1).kill();
+    wait_for("a new leader", Duration::from_secs(20), || {
+        let s = get(&c.addr(2), "/v1/status")?;
+        matches!(s["leader"].as_u64(), Some(2 | 3)).then_some(())
+    });
+    c.write(json!({"op": "set_slots", "slots":
+        {"per_source": 1, "per_destination": 2, "per_cluster": 4}}));
+    c.tern_ok(&["migrate", "c1", "--to", "2"]);
+    c.tern_ok(&["migrate", "c2", "--to", "2"]);
+    let id_of = |vm: &str| {
+        c.tasks()
+            .into_iter()
+            .find(|t| t["vm"] == json!(vm))
+            .and_then(|t| t["id"].as_u64())
+            .expect("task")
+            .to_string()
+    };
+    // c2 waits behind c1 (one outbound slot); cancel it while queued, then cancel c1 running.
+    let (c1, c2) = (id_of("c1"), id_of("c2"));
+    c.tern_ok(&["task", "cancel", &c2]);
+    wait_for("c1 running", Duration::from_secs(20), || {
+        get(&c.addr(3), &format!("/v1/tasks/{c1}/progress"))
+            .filter(|p| p["bytes_sent"].as_u64() > Some(1 << 20))
+    });
+    c.tern_ok(&["task", "cancel", &c1, "--user", "carol"]);
+    let tasks = wait_for("scheduled task done", Duration::from_secs(60), || {
+        let t = c.tasks();
+        t.iter()
+            .any(|t| t["reason"] == json!("scheduled") && t["state"] == json!("succeeded"))
+            .then_some(t)
+    });
+    let by_vm = |vm: &str| tasks.iter().find(|t| t["vm"] == json!(vm)).unwrap().clone();
+    assert_eq!(by_vm("s")["requested_by"], json!("bob"));
+    assert_eq!(by_vm("c2")["state"], json!("cancelled"));
+    assert!(by_vm("c2")["started_at_ms"].is_null(), "c2 never started");
+    let c1t = wait_for("c1 final", Duration::from_secs(30), || {
+        let t = c.tasks().into_iter().find(|t| t["vm"] == json!("c1"))?;
+        matches!(
+            t["state"].as_str(),
+            Some("cancelled" | "failed" | "succeeded")
+        )
+        .then_some(t)
+    });
+    assert_eq!(c1t["state"], json!("cancelled"), "{c1t}");
+    assert!(
+        c1t["error"].as_str().is_some_and(|e| e.contains("carol")),
+        "{c1t}"
+    );
+    let s = c.state();
+    assert_eq!(s["vms"]["s"]["owner"], json!(3));
+    // Cancelled migrations leave their VMs where they were, running and verifying.
+    assert_eq!(s["vms"]["c1"]["owner"], json!(3));
+    assert_eq!(s["vms"]["c2"]["owner"], json!(3));
+    c.wait_guest_progress("c1", 3);
+    c.assert_single_owners();
+}

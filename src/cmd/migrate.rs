@@ -86,6 +86,9 @@ enum TaskCommand {
     /// Cancel a queued or running task (a running migration aborts; the VM stays on its source).
     Cancel {
         id: TaskId,
+        /// Who cancels (recorded in the task and the audit trail).
+        #[arg(long, env = "TERN_USER")]
+        user: Option<String>,
         #[command(flatten)]
         server: ServerArg,
     },
@@ -296,9 +299,12 @@ pub fn run_task(a: TaskArgs) -> anyhow::Result<()> {
             println!("{}", serde_json::to_string_pretty(t)?);
             Ok(())
         }
-        TaskCommand::Cancel { id, server } => {
-            let _: serde_json::Value =
-                post(&server.server, &format!("/v1/tasks/{id}/cancel"), &())?;
+        TaskCommand::Cancel { id, user, server } => {
+            let _: serde_json::Value = post(
+                &server.server,
+                &format!("/v1/tasks/{id}/cancel"),
+                &serde_json::json!({ "actor": user }),
+            )?;
             println!("task {id} cancelled");
             Ok(())
         }

@@ -353,17 +353,34 @@ async fn prepare_inbound(
     }
 }
 
-async fn cancel_task(State(ctx): Ctx, Path(id): Path<TaskId>) -> Result<Json<Applied>, ApiError> {
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub struct CancelBody {
+    #[serde(default)]
+    pub actor: Option<String>,
+}
+
+/// Cancel a task; the body (`{"actor": ...}`) is optional.
+async fn cancel_task(
+    State(ctx): Ctx,
+    Path(id): Path<TaskId>,
+    body: axum::body::Bytes,
+) -> Result<Json<Applied>, ApiError> {
+    let body: Option<CancelBody> = if body.is_empty() {
+        None
+    } else {
+        serde_json::from_slice(&body).map_err(|e| bad(format!("bad cancel body: {e}")))?
+    };
+    let actor = body.and_then(|b| b.actor).unwrap_or_else(|| "api".into());
     let applied = ctx
         .api
         .propose(
-            "api".into(),
+            actor.clone(),
             None,
             Command::UpdateTask {
                 id,
                 state: TaskState::Cancelled,
                 stats: None,
-                error: Some("cancelled by operator".into()),
+                error: Some(format!("cancelled by {actor}")),
             },
             false,
         )
