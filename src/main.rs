@@ -32,7 +32,7 @@ enum Command {
     Cluster(cmd::cluster::ClusterArgs),
     /// Inspect and manage hosts.
     Host(cmd::cluster::HostArgs),
-    /// Run the DRS scheduler on a cluster snapshot.
+    /// DRS: the live cluster (status, recommendations, apply, set) or the scheduler on a snapshot file.
     Drs(cmd::drs::DrsArgs),
     /// Start a 3-node cluster here and narrate DRS, migrations and maintenance mode.
     Demo(cmd::demo::DemoArgs),

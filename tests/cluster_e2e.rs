@@ -64,6 +64,23 @@ fn cluster_vm_migrates_live_with_raft_gated_switchover() {
     assert!(t["stats"]["bytes"].as_u64().unwrap() > 1 << 20);
     assert!(t["finished_at_ms"].as_u64() >= t["started_at_ms"].as_u64());
 
+    // Prometheus metrics on the source: migrations by result, downtime, bytes, Raft position.
+    let metrics = client()
+        .get(format!("http://{}/metrics", c.addr(1)))
+        .send()
+        .and_then(|r| r.text())
+        .expect("metrics");
+    for needle in [
+        "tern_migrations_total{result=\"succeeded\"} 1",
+        "tern_migration_downtime_seconds_count 1",
+        "tern_migration_bytes_total",
+        "tern_raft_term",
+        "tern_raft_leader 1",
+        "tern_raft_commit_index",
+    ] {
+        assert!(metrics.contains(needle), "no {needle} in\n{metrics}");
+    }
+
     // And back, through a follower's API.
     c.tern_ok_at(&c.addr(3), &["migrate", "web", "--to", "1", "--wait"]);
     let g = c.wait_guest_progress("web", 1);
@@ -235,12 +252,24 @@ fn cluster_drs_moves_vms_off_an_overloaded_host() {
     if !have_kvm() {
         return;
     }
-    let c = Cluster::start(3, &["--load-interval-ms", "300"]);
+    // Small declared capacities, so the load the guests put on host 1 stands out even when
+    // this machine is busy with other work.
+    let c = Cluster::start(
+        3,
+        &[
+            "--load-interval-ms",
+            "300",
+            "--capacity-memory-mib",
+            "1024",
+            "--capacity-cpus",
+            "1",
+        ],
+    );
     for i in 0..6 {
         c.create_vm(
             &format!("d{i}"),
             1,
-            "wss=8M,rate=2000,pattern=random,duty=40",
+            "wss=40M,rate=4000,pattern=random,duty=40",
         );
     }
     // Manual mode: recommendations only, nothing moves.
@@ -255,6 +284,15 @@ fn cluster_drs_moves_vms_off_an_overloaded_host() {
         },
     );
     assert!(c.tasks().is_empty());
+    // The leader exports what DRS sees.
+    let metrics = client()
+        .get(format!("http://{}/metrics", c.addr(1)))
+        .send()
+        .and_then(|r| r.text())
+        .expect("metrics");
+    for needle in ["tern_drs_imbalance", "tern_host_cpu_load{host=\"1\"}"] {
+        assert!(metrics.contains(needle), "no {needle} in\n{metrics}");
+    }
     let imbalance_before = before["imbalance"].as_f64().unwrap();
     c.write(json!({"op": "set_drs", "settings":
         {"automation": "fully-automated", "migration_threshold": 3, "interval_s": 1}}));

@@ -36,6 +36,12 @@ pub struct NodeArgs {
     /// Bandwidth cap per outbound live migration in MiB/s (0 = unlimited).
     #[arg(long, default_value_t = 0)]
     migrate_bandwidth_mib: u64,
+    /// Memory this host offers to VMs, MiB (default: all of it, from /proc/meminfo).
+    #[arg(long)]
+    capacity_memory_mib: Option<u64>,
+    /// CPUs this host offers to VMs (default: all of them).
+    #[arg(long)]
+    capacity_cpus: Option<u32>,
     /// Raft heartbeat interval in milliseconds.
     #[arg(long, default_value_t = 100)]
     heartbeat_ms: u64,
@@ -65,6 +71,8 @@ pub fn run(args: NodeArgs) -> anyhow::Result<()> {
         join: args.join,
         datastore: args.datastore,
         migrate_bandwidth_mib: args.migrate_bandwidth_mib,
+        capacity_memory_mib: args.capacity_memory_mib,
+        capacity_cpus: args.capacity_cpus,
         load_interval: std::time::Duration::from_millis(args.load_interval_ms.max(100)),
         advertise: args.advertise,
         raft: RaftOptions {

@@ -35,6 +35,9 @@ pub struct NodeConfig {
     pub load_interval: Duration,
     /// Bandwidth cap per outbound migration, MiB/s (0 = none).
     pub migrate_bandwidth_mib: u64,
+    /// Capacity offered to VMs, when less than the machine's (several nodes on one machine).
+    pub capacity_memory_mib: Option<u64>,
+    pub capacity_cpus: Option<u32>,
 }
 
 pub async fn serve(cfg: NodeConfig) -> anyhow::Result<()> {
@@ -76,7 +79,14 @@ pub async fn serve(cfg: NodeConfig) -> anyhow::Result<()> {
         };
         tokio::spawn(join_loop(state.clone(), seed, cfg.id, addr.clone()));
     }
-    tokio::spawn(register_loop(state, cfg.id, addr));
+    let mut info = host_info::probe();
+    if let Some(m) = cfg.capacity_memory_mib {
+        info.capacity.memory_mib = m;
+    }
+    if let Some(c) = cfg.capacity_cpus {
+        info.capacity.cpus = c;
+    }
+    tokio::spawn(register_loop(state, cfg.id, addr, info));
     tokio::spawn(host::reconcile_loop(ctx.clone()));
     tokio::spawn(outbound::executor_loop(ctx.clone()));
     tokio::spawn(controller::controller_loop(ctx.clone()));
@@ -106,8 +116,7 @@ async fn join_loop(state: api::ApiState, seed: String, id: u64, addr: String) {
 }
 
 /// Record this host (address, capacity, CPU features) in the cluster state, until committed.
-async fn register_loop(state: api::ApiState, id: u64, addr: String) {
-    let info = host_info::probe();
+async fn register_loop(state: api::ApiState, id: u64, addr: String, info: host_info::HostInfo) {
     let command = Command::RegisterHost {
         id,
         address: addr,
