@@ -60,6 +60,9 @@ struct Summary {
     mean_downtime_ms: f64,
     imbalance_before: f64,
     imbalance_after: f64,
+    /// VMs on the first host before DRS ran, and after it settled.
+    first_host_vms_before: usize,
+    first_host_vms_after_drs: usize,
     guests_verified_pages: u64,
     guest_mismatches: u64,
     double_runs: u64,
@@ -274,7 +277,8 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
         keep: false,
     };
     n.say(format!(
-        "starting 3 tern nodes on {} (data and shared datastore under {})",
+        "starting 3 tern nodes on {} (each offers 1 CPU and 2 GiB of this machine; data and \
+         shared datastore under {})",
         addrs.join(", "),
         root.display()
     ));
@@ -287,7 +291,9 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
             .arg(root.join(format!("node{id}")))
             .arg("--datastore")
             .arg(&datastore)
-            .args(["--load-interval-ms", "500"]);
+            .args(["--load-interval-ms", "500"])
+            // Three hosts share this machine: each offers a slice of it to its VMs.
+            .args(["--capacity-cpus", "1", "--capacity-memory-mib", "2048"]);
         if id == 1 {
             cmd.arg("--bootstrap");
         } else {
@@ -375,9 +381,14 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
             {"automation": "manual", "migration_threshold": 3, "interval_s": 2}}),
     )?;
     let after = drs_report(&server).context("drs report")?;
+    summary.first_host_vms_before = names.len();
+    summary.first_host_vms_after_drs =
+        state(&server).map_or(0, |s| s.vms.values().filter(|v| v.owner == 1).count());
     summary.imbalance_after = after["imbalance"].as_f64().unwrap_or(0.0);
     n.say(format!(
-        "DRS done: imbalance {:.3} -> {:.3} ({}); DRS back to manual",
+        "DRS done: host 1 runs {} of {} VMs; imbalance {:.3} -> {:.3} ({}); DRS back to manual",
+        summary.first_host_vms_after_drs,
+        summary.first_host_vms_before,
         summary.imbalance_before,
         summary.imbalance_after,
         loads_line(&after)
@@ -452,6 +463,7 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
         s.hosts
             .get(&host)
             .is_some_and(|h| h.state == HostState::InMaintenance)
+            && all_idle(s)
     })?;
     n.say(format!(
         "host {host} is in maintenance, empty after {:.1} s; exiting maintenance",
