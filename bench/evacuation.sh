@@ -4,13 +4,14 @@
 # mode and the cluster live-migrates everything off it. Measured twice on a fresh cluster:
 # concurrent (4 outbound slots) and one at a time (1 outbound slot). Prints time to empty the
 # host and per-migration downtime / total time / bytes from the audit trail, plus the guests'
-# mismatch count. Usage: bench/evacuation.sh [path/to/tern]   env: VMS MEM WORKLOAD WARMUP
+# mismatch count. WARMUP seconds (default 20) let each guest touch its working set first.
+# Usage: bench/evacuation.sh [path/to/tern]   env: VMS MEM WORKLOAD WARMUP
 set -euo pipefail
 TERN=${1:-target/release/tern}
 VMS=${VMS:-8}
 MEM=${MEM:-512M}
 WORKLOAD=${WORKLOAD:-wss=128M,rate=2000,pattern=random,duty=20}
-WARMUP=${WARMUP:-5}
+WARMUP=${WARMUP:-20}
 PIDS=()
 DIRS=()
 cleanup() {
@@ -48,6 +49,8 @@ run() {
   t0=$(date +%s%N)
   TERN_SERVER=$s1 "$TERN" host maintenance enter 1 --wait >/dev/null 2>&1
   t1=$(date +%s%N)
+  # The host is empty once every ownership moved; the tasks' final records follow shortly.
+  until [ "$(curl -sf "$s1/v1/state" | jq '[.tasks[] | select(.state == "queued" or .state == "running")] | length')" = 0 ]; do sleep 0.2; done
   local state; state=$(curl -sf "$s1/v1/state")
   local mism=0
   for v in $(seq 1 "$VMS"); do
@@ -63,6 +66,8 @@ run() {
       + "\($d | add / length | . * 10 | round / 10) ms | \($d[($d | length) / 2 | floor] | . * 10 | round / 10) ms | "
       + "\($d | max | . * 10 | round / 10) ms | \($tot | add / length | . * 100 | round / 100) s | "
       + "\($t | map(.stats.bytes) | add / 1048576 | round) MiB | \($mism) |"'
+  echo "$state" | jq -r '.tasks[] | select(.state != "succeeded")
+    | "  task \(.id) \(.vm) \(.from)->\(.to) \(.state): \(.error)"' >&2
   for p in "${mine[@]}"; do kill -9 "$p" 2>/dev/null || true; done
 }
 

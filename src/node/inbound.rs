@@ -16,8 +16,11 @@ use super::host::{HostCtx, LocalVm, WireConfig};
 
 /// How long a prepared listener waits for its source.
 const ACCEPT_TIMEOUT: Duration = Duration::from_secs(15);
-/// How long the destination waits, image complete, for the ownership commit to be applied here.
-const COMMIT_WAIT: Duration = Duration::from_secs(20);
+/// How long the destination waits, told to resume, for the ownership commit to be applied here.
+/// The source sends `Resume` only after the commit, so the commit does exist and this node will
+/// apply it once it hears from the majority again (it may be cut off right now): giving up early
+/// would leave the committed owner without the VM's state, so wait long.
+const COMMIT_WAIT: Duration = Duration::from_secs(600);
 
 /// Why a prepare request is refused (HTTP 409 / 404 / 503).
 #[derive(Debug)]
