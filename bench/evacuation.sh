@@ -20,7 +20,14 @@ cleanup() {
 }
 trap cleanup EXIT
 
-write() { curl -sf -XPOST "$1/v1/write" -H 'content-type: application/json' -d "{\"command\":$2}" >/dev/null; }
+# Commit a command, retrying while the cluster settles (membership changes, elections).
+write() {
+  for _ in $(seq 50); do
+    curl -sf -XPOST "$1/v1/write" -H 'content-type: application/json' -d "{\"command\":$2}" >/dev/null && return 0
+    sleep 0.2
+  done
+  echo "write $2 failed" >&2; return 1
+}
 
 # run MODE PER_SOURCE: one evacuation on a fresh cluster; prints one table row.
 run() {
@@ -41,7 +48,8 @@ run() {
   write "$s1" '{"op":"set_drs","settings":{"automation":"manual","migration_threshold":3,"interval_s":3600}}'
   write "$s1" "{\"op\":\"set_slots\",\"slots\":{\"per_source\":$per_source,\"per_destination\":4,\"per_cluster\":8}}"
   for v in $(seq 1 "$VMS"); do
-    TERN_SERVER=$s1 "$TERN" vm create "vm$v" --memory "$MEM" --workload "$WORKLOAD" --host 1 >/dev/null
+    TERN_SERVER=$s1 "$TERN" vm create "vm$v" --memory "$MEM" --workload "$WORKLOAD" --host 1 >/dev/null \
+      || { echo "creating vm$v failed (logs: $dir)" >&2; return 1; }
   done
   until [ "$(curl -sf "$s1/v1/local" | jq '[.[] | select(.running)] | length')" = "$VMS" ]; do sleep 0.2; done
   sleep "$WARMUP"
@@ -69,6 +77,7 @@ run() {
   echo "$state" | jq -r '.tasks[] | select(.state != "succeeded")
     | "  task \(.id) \(.vm) \(.from)->\(.to) \(.state): \(.error)"' >&2
   for p in "${mine[@]}"; do kill -9 "$p" 2>/dev/null || true; done
+  PIDS=()  # all killed: never signal a PID that may have been reused since
 }
 
 echo "evacuation of host 1: $VMS VMs x $MEM, workload $WORKLOAD, 3 nodes on loopback"
