@@ -273,8 +273,20 @@ fn cluster_drs_moves_vms_off_an_overloaded_host() {
         );
     }
     // Manual mode: recommendations only, nothing moves.
-    c.write(json!({"op": "set_drs", "settings":
-        {"automation": "manual", "migration_threshold": 3, "interval_s": 1}}));
+    c.tern_ok(&[
+        "drs",
+        "set",
+        "--automation",
+        "manual",
+        "--threshold",
+        "3",
+        "--interval",
+        "1",
+    ]);
+    assert_eq!(
+        c.state()["drs"],
+        json!({"automation": "manual", "migration_threshold": 3, "interval_s": 1})
+    );
     let before = wait_for(
         "load-driven recommendations",
         Duration::from_secs(20),
@@ -294,8 +306,19 @@ fn cluster_drs_moves_vms_off_an_overloaded_host() {
         assert!(metrics.contains(needle), "no {needle} in\n{metrics}");
     }
     let imbalance_before = before["imbalance"].as_f64().unwrap();
-    c.write(json!({"op": "set_drs", "settings":
-        {"automation": "fully-automated", "migration_threshold": 3, "interval_s": 1}}));
+    let status = c.tern_ok(&["drs", "status"]);
+    assert!(
+        status.contains("imbalance") && status.contains("host"),
+        "{status}"
+    );
+    let recs: Value =
+        serde_json::from_str(&c.tern_ok(&["drs", "recommendations", "--json"])).expect("json");
+    assert!(
+        !recs.as_array().map_or(true, |r| r.is_empty()) || recs.is_object(),
+        "{recs}"
+    );
+    c.tern_ok(&["drs", "set", "--automation", "full"]);
+    assert_eq!(c.state()["drs"]["automation"], json!("fully-automated"));
     wait_for("drs migrations", Duration::from_secs(60), || {
         let t = c.tasks();
         let done = t
