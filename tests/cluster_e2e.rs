@@ -313,10 +313,9 @@ fn cluster_drs_moves_vms_off_an_overloaded_host() {
     );
     let recs: Value =
         serde_json::from_str(&c.tern_ok(&["drs", "recommendations", "--json"])).expect("json");
-    assert!(
-        !recs.as_array().map_or(true, |r| r.is_empty()) || recs.is_object(),
-        "{recs}"
-    );
+    // Moves off the overloaded host (the load is sampled again, so the list may change).
+    let recs = recs.as_array().expect("a list of moves");
+    assert!(recs.iter().all(|m| m["from"] == json!("1")), "{recs:?}");
     c.tern_ok(&["drs", "set", "--automation", "full"]);
     assert_eq!(c.state()["drs"]["automation"], json!("fully-automated"));
     wait_for("drs migrations", Duration::from_secs(60), || {
