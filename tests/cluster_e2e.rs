@@ -172,6 +172,14 @@ fn cluster_maintenance_evacuates_a_host_while_guests_keep_verifying() {
         "wss=8M,rate=500",
     ]);
     assert_ne!(c.state()["vms"]["late"]["owner"], json!(1));
+    // The migration wizard ranks the other host and says why host 1 is out.
+    let rec = c.tern_ok(&["migrate", "m0", "--recommend"]);
+    assert!(rec.contains(" 1. host "), "{rec}");
+    assert!(
+        rec.lines()
+            .any(|l| l.trim_start().starts_with("host 1 ") && l.contains("excluded")),
+        "{rec}"
+    );
     let (ok, _, err) = c.tern_at(&c.live(), &["migrate", "m0", "--to", "1"]);
     assert!(!ok && err.contains("InMaintenance"), "{err}");
     c.tern_ok(&["host", "maintenance", "exit", "1"]);
