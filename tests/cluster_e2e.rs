@@ -365,6 +365,8 @@ fn cluster_kill_destination_mid_migration_keeps_the_vm_on_the_source() {
     }
     let mut c = Cluster::start(3, &["--migrate-bandwidth-mib", "10"]);
     c.create_vm("k", 1, "wss=32M,rate=4000,pattern=random");
+    // Let the guest touch its working set so that pre-copy takes a few seconds.
+    std::thread::sleep(Duration::from_secs(3));
     c.tern_ok(&["migrate", "k", "--to", "2"]);
     wait_for("migration running", Duration::from_secs(10), || {
         get(&c.addr(1), "/v1/tasks/0/progress").filter(|p| p["bytes_sent"].as_u64() > Some(1 << 20))
@@ -386,12 +388,17 @@ fn cluster_kill_leader_mid_migration_ends_with_one_owner() {
     if !have_kvm() {
         return;
     }
-    let mut c = Cluster::start(3, &["--migrate-bandwidth-mib", "20"]);
+    let mut c = Cluster::start(3, &["--migrate-bandwidth-mib", "10"]);
     // Host 1 leads; the migration is between the other two.
-    c.create_vm("l", 2, "wss=16M,rate=2000,pattern=random");
+    c.create_vm("l", 2, "wss=32M,rate=1000,pattern=random");
+    // Let the guest touch its working set so that pre-copy takes a few seconds.
+    std::thread::sleep(Duration::from_secs(3));
     c.tern_ok_at(&c.addr(2), &["migrate", "l", "--to", "3"]);
-    wait_for("migration running", Duration::from_secs(10), || {
-        get(&c.addr(2), "/v1/tasks/0/progress").filter(|p| p["bytes_sent"].as_u64() > Some(1 << 20))
+    wait_for("migration running", Duration::from_secs(20), || {
+        get(&c.addr(2), "/v1/tasks/0/progress").filter(|p| {
+            p["bytes_sent"].as_u64() > Some(256 << 10)
+                && matches!(p["phase"].as_str(), Some("first-pass" | "dirty-rounds"))
+        })
     });
     c.node(1).kill();
     let tasks = wait_for("task final", Duration::from_secs(60), || {
