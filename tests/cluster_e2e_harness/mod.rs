@@ -347,7 +347,12 @@ impl Cluster {
                 "{name} owned by {owner}\n{}",
                 self.logs()
             );
-            let g = self.guest(&name, owner).expect("guest status");
+            // A guest that just booted or resumed may not have published its status yet.
+            let g = wait_for(
+                &format!("{name} guest status"),
+                Duration::from_secs(15),
+                || self.guest(&name, owner),
+            );
             assert_eq!(g["status"]["mismatches"], json!(0), "{name}");
         }
     }
