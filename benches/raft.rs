@@ -166,17 +166,22 @@ impl Cluster {
         c
     }
 
+    /// The live node in state leader with the highest term. A restarted old leader briefly
+    /// reports itself leader of its old term (openraft restores that state on startup) until it
+    /// hears from the current one, so the highest term decides.
     async fn leader(&self) -> Option<usize> {
+        let mut best: Option<(u64, usize)> = None;
         for (i, n) in self.nodes.iter().enumerate() {
             if n.child.is_none() {
                 continue;
             }
             let s = get_json(&self.http, &n.addr, "/v1/status").await?;
-            if s["state"] == json!("leader") {
-                return Some(i);
+            let term = s["term"].as_u64()?;
+            if s["state"] == json!("leader") && best.is_none_or(|(t, _)| term > t) {
+                best = Some((term, i));
             }
         }
-        None
+        best.map(|(_, i)| i)
     }
 
     async fn applied(&self, i: usize) -> Option<u64> {
@@ -310,9 +315,12 @@ async fn failover(c: &mut Cluster) -> Duration {
         "restarted node catches up",
         Duration::from_secs(20),
         || async {
-            let mine = c.applied(leader).await?;
+            let s = get_json(&c.http, &c.nodes[leader].addr, "/v1/status").await?;
             let theirs = c.applied(new_leader).await?;
-            (mine == theirs).then_some(())
+            (s["state"] == json!("follower")
+                && s["leader"] == json!(new_leader + 1)
+                && s["last_applied"].as_u64()? == theirs)
+                .then_some(())
         },
     )
     .await;
