@@ -247,7 +247,9 @@ struct Latency {
 }
 
 /// Open-loop: write i is sent at start + i x 10 ms whether or not earlier ones finished.
-async fn paced(c: &Cluster, addr: &str, rate: u64, secs: u64) -> Latency {
+/// With `status_only`, the request is `GET /v1/status` instead (no Raft round): the control
+/// that shows what HTTP and scheduling on this machine cost by themselves.
+async fn paced(c: &Cluster, addr: &str, rate: u64, secs: u64, status_only: bool) -> Latency {
     let total = rate * secs;
     let period = Duration::from_nanos(1_000_000_000 / rate);
     let start = tokio::time::Instant::now() + Duration::from_millis(20);
@@ -261,7 +263,11 @@ async fn paced(c: &Cluster, addr: &str, rate: u64, secs: u64) -> Latency {
             // late, which is the generator's lateness, not the cluster's. The writes are
             // independent tasks, so a slow answer never delays the next send (open loop).
             let sent = tokio::time::Instant::now();
-            let ok = write(&http, &addr, Duration::from_secs(10)).await.is_ok();
+            let ok = if status_only {
+                get_json(&http, &addr, "/v1/status").await.is_some()
+            } else {
+                write(&http, &addr, Duration::from_secs(10)).await.is_ok()
+            };
             (ok, sent.elapsed())
         }));
     }
@@ -416,13 +422,15 @@ async fn run() {
         let leader_addr = c.nodes[leader].addr.clone();
         let follower_addr = c.nodes[(leader + 1) % 3].addr.clone();
         println!("== {mode}: 3 nodes, leader is node {}", leader + 1);
-        let to_leader = paced(&c, &leader_addr, 100, paced_secs).await;
+        let to_leader = paced(&c, &leader_addr, 100, paced_secs, false).await;
         print_latency("  paced 100 writes/s to the leader", &to_leader);
         if let Some((p50, p99)) = server_side(&c.http, &leader_addr).await {
             println!("    of which inside Raft on the leader (client_write): p50 {p50:.2} ms  p99 {p99:.2} ms");
         }
-        let via_follower = paced(&c, &follower_addr, 100, paced_secs.min(5)).await;
+        let via_follower = paced(&c, &follower_addr, 100, paced_secs.min(5), false).await;
         print_latency("  paced 100 writes/s via a follower", &via_follower);
+        let control = paced(&c, &leader_addr, 100, paced_secs.min(5), true).await;
+        print_latency("  control: paced 100 GET /v1/status/s (no Raft)", &control);
         for writers in [1usize, 8, 32, 128] {
             let (tput, l) = sustained(&c, &leader_addr, writers, load_secs).await;
             println!(
@@ -434,7 +442,7 @@ async fn run() {
         }
         // The state is bigger now (the audit trail holds its maximum): latency must not grow
         // with it.
-        let after_load = paced(&c, &leader_addr, 100, paced_secs.min(5)).await;
+        let after_load = paced(&c, &leader_addr, 100, paced_secs.min(5), false).await;
         print_latency("  paced 100 writes/s after the load", &after_load);
         if mode == "durable" {
             let mut times = Vec::new();
