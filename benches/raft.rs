@@ -206,9 +206,9 @@ impl Cluster {
     }
 }
 
-/// The leader's own time inside `client_write` (append, replicate, fsync on a majority, apply)
-/// from its `tern_raft_write_seconds` summary: the rest of the end-to-end latency is HTTP and
-/// the client.
+/// The leader's `tern_raft_write_seconds` (time inside `client_write`: append, replicate, fsync
+/// on a majority, apply) as (sum in seconds, count): the difference between two scrapes gives
+/// the mean server-side commit time of the writes in between.
 async fn server_side(http: &reqwest::Client, addr: &str) -> Option<(f64, f64)> {
     let text = http
         .get(format!("http://{addr}/metrics"))
@@ -218,12 +218,14 @@ async fn server_side(http: &reqwest::Client, addr: &str) -> Option<(f64, f64)> {
         .text()
         .await
         .ok()?;
-    let q = |quantile: &str| -> Option<f64> {
-        let prefix = format!("tern_raft_write_seconds{{quantile=\"{quantile}\"}} ");
+    let value = |name: &str| -> Option<f64> {
         text.lines()
-            .find_map(|l| l.strip_prefix(prefix.as_str())?.trim().parse().ok())
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
     };
-    Some((q("0.5")? * 1000.0, q("0.99")? * 1000.0))
+    Some((
+        value("tern_raft_write_seconds_sum")?,
+        value("tern_raft_write_seconds_count")?,
+    ))
 }
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
@@ -234,11 +236,16 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[i]
 }
 
+fn mean(v: &[Duration]) -> Duration {
+    v.iter().sum::<Duration>() / (v.len().max(1) as u32)
+}
+
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
 
 struct Latency {
+    mean: Duration,
     p50: Duration,
     p99: Duration,
     max: Duration,
@@ -281,6 +288,7 @@ async fn paced(c: &Cluster, addr: &str, rate: u64, secs: u64, status_only: bool)
     }
     lat.sort();
     Latency {
+        mean: mean(&lat),
         p50: percentile(&lat, 0.50),
         p99: percentile(&lat, 0.99),
         max: lat.last().copied().unwrap_or_default(),
@@ -322,6 +330,7 @@ async fn sustained(c: &Cluster, addr: &str, writers: usize, secs: u64) -> (f64, 
     (
         n as f64 / elapsed,
         Latency {
+            mean: mean(&lat),
             p50: percentile(&lat, 0.50),
             p99: percentile(&lat, 0.99),
             max: lat.last().copied().unwrap_or_default(),
@@ -422,10 +431,16 @@ async fn run() {
         let leader_addr = c.nodes[leader].addr.clone();
         let follower_addr = c.nodes[(leader + 1) % 3].addr.clone();
         println!("== {mode}: 3 nodes, leader is node {}", leader + 1);
+        let before = server_side(&c.http, &leader_addr).await;
         let to_leader = paced(&c, &leader_addr, 100, paced_secs, false).await;
         print_latency("  paced 100 writes/s to the leader", &to_leader);
-        if let Some((p50, p99)) = server_side(&c.http, &leader_addr).await {
-            println!("    of which inside Raft on the leader (client_write): p50 {p50:.2} ms  p99 {p99:.2} ms");
+        if let (Some((s0, n0)), Some((s1, n1))) = (before, server_side(&c.http, &leader_addr).await)
+        {
+            println!(
+                "    mean end to end {:.2} ms, of which inside Raft on the leader (client_write) {:.2} ms",
+                ms(to_leader.mean),
+                (s1 - s0) / (n1 - n0).max(1.0) * 1000.0
+            );
         }
         let via_follower = paced(&c, &follower_addr, 100, paced_secs.min(5), false).await;
         print_latency("  paced 100 writes/s via a follower", &via_follower);
