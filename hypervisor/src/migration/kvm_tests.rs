@@ -152,9 +152,13 @@ fn written_once_guest_migrates_and_keeps_verifying_without_writing() {
     let src = KvmMigratable::new(vm, String::new());
     let pages = w.wss / 4096;
     let status = |vm: &KvmMigratable| vm.lock().guest_status().unwrap();
+    // The status page has no magic until the guest has booted.
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while status(&src).pages_written < pages {
-        assert!(std::time::Instant::now() < deadline, "{:?}", status(&src));
+    loop {
+        match src.lock().guest_status() {
+            Ok(st) if st.pages_written >= pages => break,
+            st => assert!(std::time::Instant::now() < deadline, "{st:?}"),
+        }
         std::thread::sleep(Duration::from_millis(20));
     }
     std::thread::sleep(Duration::from_millis(100));
