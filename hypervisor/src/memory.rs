@@ -185,14 +185,6 @@ impl GuestMemory {
         Ok(bits)
     }
 
-    /// Ask the kernel to back this memory with transparent huge pages: one fault then maps
-    /// 2 MiB instead of 4 KiB, which makes filling fresh memory (a migration destination)
-    /// several times faster. Best effort: returns whether the kernel accepted the advice.
-    pub fn prefer_huge_pages(&self) -> bool {
-        // SAFETY: advice on our own whole mapping; MADV_HUGEPAGE does not change contents.
-        unsafe { libc::madvise(self.ptr.cast(), self.size as usize, libc::MADV_HUGEPAGE) == 0 }
-    }
-
     /// Back pages `first..first + count` with host memory now (write-fault them in without
     /// changing their contents), so later copies into them do not fault. Safe alongside
     /// concurrent reads and writes of the same pages.
@@ -269,7 +261,6 @@ mod tests {
     #[test]
     fn populate_keeps_contents_and_marks_touched() {
         let m = GuestMemory::new(MIN_MEMORY).unwrap();
-        m.prefer_huge_pages();
         m.write_u64(0x3000, 42).unwrap();
         m.populate(0, 16).unwrap();
         assert_eq!(m.read_u64(0x3000).unwrap(), 42);

@@ -182,9 +182,6 @@ where
                 continue;
             }
         };
-        if let Err(e) = vm.prepare_memory() {
-            tracing::warn!(error = %e, "could not prepare destination memory");
-        }
         let session = session_id();
         control.set_read_timeout(Some(cfg.io_timeout))?;
         send(&mut control, &Message::Welcome { session })?;

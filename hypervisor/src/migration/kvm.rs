@@ -137,10 +137,6 @@ impl MigratableVm for KvmMigratable {
         *self.staged.lock().unwrap_or_else(|p| p.into_inner()) = Some((state.to_vec(), s));
         Ok(())
     }
-    fn prepare_memory(&self) -> VmResult<()> {
-        self.mem.prefer_huge_pages();
-        Ok(())
-    }
     fn guest_max_stall_us(&self) -> Option<u64> {
         self.lock()
             .guest_status()

@@ -48,11 +48,6 @@ pub trait MigratableVm: Send + Sync {
     fn stage_state(&self, _state: &[u8]) -> VmResult<()> {
         Ok(())
     }
-    /// Destination: make the fresh guest memory cheap to fill (e.g. huge pages), before any
-    /// page arrives. Best effort.
-    fn prepare_memory(&self) -> VmResult<()> {
-        Ok(())
-    }
 
     /// The guest's own largest stall in microseconds, if it reports one.
     fn guest_max_stall_us(&self) -> Option<u64> {
