@@ -27,6 +27,15 @@ pub struct NodeArgs {
     /// Join the cluster through any member's address (ignored when restarting a member).
     #[arg(long)]
     join: Option<String>,
+    /// Shared datastore directory for VM configs and disks (the same path on every node).
+    #[arg(long)]
+    datastore: Option<PathBuf>,
+    /// How often this node samples its VMs' load and reports it to the leader (milliseconds).
+    #[arg(long, default_value_t = 2000)]
+    load_interval_ms: u64,
+    /// Bandwidth cap per outbound live migration in MiB/s (0 = unlimited).
+    #[arg(long, default_value_t = 0)]
+    migrate_bandwidth_mib: u64,
     /// Raft heartbeat interval in milliseconds.
     #[arg(long, default_value_t = 100)]
     heartbeat_ms: u64,
@@ -55,6 +64,9 @@ pub fn run(args: NodeArgs) -> anyhow::Result<()> {
         bootstrap: args.bootstrap,
         join: args.join,
         advertise: args.advertise,
+        datastore: args.datastore,
+        migrate_bandwidth_mib: args.migrate_bandwidth_mib,
+        load_interval: std::time::Duration::from_millis(args.load_interval_ms.max(100)),
         raft: RaftOptions {
             heartbeat_ms: args.heartbeat_ms,
             election_min_ms: args.election_ms,

@@ -23,6 +23,8 @@ pub enum VmCommand {
     Run(RunArgs),
     /// Wait for one incoming live migration, then run the guest and print its progress.
     Receive(super::vm_migrate::ReceiveArgs),
+    #[command(flatten)]
+    Cluster(super::vms::ClusterVmCommand),
 }
 
 #[derive(Args, Clone, Debug)]
@@ -33,7 +35,7 @@ pub struct RunArgs {
     /// Number of vCPUs.
     #[arg(long, default_value_t = 1)]
     pub vcpus: usize,
-    /// Guest workload: wss=SIZE,rate=PAGES_PER_S,pattern=seq|random|hotcold,duty=1..100,seed=N.
+    /// Guest workload: wss=SIZE,rate=PAGES_PER_S,pattern=seq|random|hotcold|once,duty=1..100,seed=N.
     #[arg(long, default_value = "wss=64M,rate=20000,pattern=random,duty=100")]
     pub workload: String,
     /// How long to run (e.g. 10s, 500ms, 2m; 0 = until Ctrl-C).
@@ -56,6 +58,7 @@ pub fn run(args: VmArgs) -> anyhow::Result<()> {
     match args.command {
         VmCommand::Run(a) => run_vm(&a),
         VmCommand::Receive(a) => super::vm_migrate::run_receive(&a),
+        VmCommand::Cluster(c) => super::vms::run(c),
     }
 }
 

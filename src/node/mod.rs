@@ -1,7 +1,17 @@
 //! The `tern node` daemon: a Raft member plus its HTTP API.
 pub mod api;
+pub mod controller;
+pub mod cron;
+pub mod datastore;
+pub mod host;
 mod host_info;
+pub mod inbound;
+pub mod load;
 mod metrics;
+pub mod outbound;
+pub mod queue_view;
+pub mod sched_view;
+pub mod vm_api;
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -19,6 +29,12 @@ pub struct NodeConfig {
     /// Address peers use for this node (default: the bound address).
     pub advertise: Option<String>,
     pub raft: RaftOptions,
+    /// Shared directory holding VM configs and disks (same path on every node).
+    pub datastore: Option<PathBuf>,
+    /// How often VM load is sampled and reported to the leader.
+    pub load_interval: Duration,
+    /// Bandwidth cap per outbound migration, MiB/s (0 = none).
+    pub migrate_bandwidth_mib: u64,
 }
 
 pub async fn serve(cfg: NodeConfig) -> anyhow::Result<()> {
@@ -36,7 +52,17 @@ pub async fn serve(cfg: NodeConfig) -> anyhow::Result<()> {
         .context("opening raft")?;
     let prometheus = metrics::install(&node)?;
     let state = api::ApiState::new(node.clone(), prometheus)?;
-    let router = api::router(state.clone());
+    let datastore = match &cfg.datastore {
+        Some(d) => Some(datastore::Datastore::open(d)?),
+        None => None,
+    };
+    let ip = listener.local_addr()?.ip().to_string();
+    let ctx = host::HostCtx::new(cfg.id, state.clone(), node.clone(), datastore, ip);
+    ctx.migrate_bandwidth.store(
+        cfg.migrate_bandwidth_mib.saturating_mul(1 << 20),
+        std::sync::atomic::Ordering::Relaxed,
+    );
+    let router = api::router(state.clone()).merge(vm_api::router(ctx.clone()));
     let server = tokio::spawn(async move { axum::serve(listener, router).await });
     tracing::info!(id = cfg.id, %addr, "node listening");
     println!("tern node {} listening on {bound}", cfg.id);
@@ -51,6 +77,10 @@ pub async fn serve(cfg: NodeConfig) -> anyhow::Result<()> {
         tokio::spawn(join_loop(state.clone(), seed, cfg.id, addr.clone()));
     }
     tokio::spawn(register_loop(state, cfg.id, addr));
+    tokio::spawn(host::reconcile_loop(ctx.clone()));
+    tokio::spawn(outbound::executor_loop(ctx.clone()));
+    tokio::spawn(controller::controller_loop(ctx.clone()));
+    tokio::spawn(load::report_loop(ctx.clone(), cfg.load_interval));
 
     tokio::select! {
         res = server => { res??; }
