@@ -130,10 +130,7 @@ impl Cluster {
         let mut nodes: Vec<Node> = (1..=n)
             .map(|id| {
                 let addr: SocketAddr = format!("127.{a}.{b}.{id}:7400").parse().unwrap();
-                let advertise = proxies.map(|p| {
-                    // The proxy sits on the node's own IP, on another port.
-                    p.add_node(id, addr.ip(), addr.ip(), addr).to_string()
-                });
+                let advertise = proxies.map(|p| p.add(id, addr).to_string());
                 Node {
                     id,
                     addr: addr.to_string(),
@@ -171,15 +168,18 @@ impl Cluster {
         });
     }
 
+    /// The live node in state leader with the highest term (a restarted old leader reports
+    /// itself leader of its old term until it hears from the current one).
     fn leader(&self) -> Option<u64> {
-        let mut leader = None;
+        let mut best: Option<(u64, u64)> = None;
         for n in self.nodes.iter().filter(|n| n.child.is_some()) {
             let s = status(&n.addr)?;
-            if s["state"] == json!("leader") {
-                leader = s["id"].as_u64();
+            let term = s["term"].as_u64()?;
+            if s["state"] == json!("leader") && best.is_none_or(|(t, _)| term > t) {
+                best = Some((term, n.id));
             }
         }
-        leader
+        best.map(|(_, id)| id)
     }
 
     fn node(&mut self, id: u64) -> &mut Node {
@@ -349,6 +349,18 @@ fn cluster_bad_api_bodies_get_clear_errors() {
     write(addr, schedule("still-alive")).unwrap();
 }
 
+/// One gauge from the node's Prometheus endpoint.
+fn metric(addr: &str, name: &str) -> Option<f64> {
+    let text = client()
+        .get(format!("http://{addr}/metrics"))
+        .send()
+        .ok()?
+        .text()
+        .ok()?;
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
 fn applied(addr: &str) -> Option<u64> {
     status(addr)?["last_applied"].as_u64()
 }
@@ -403,6 +415,18 @@ fn cluster_minority_cannot_commit_and_majority_keeps_committing() {
         Some(lone_applied),
         "the cut-off node applied something"
     );
+    // Its log holds the uncommitted entry: the commit-index metric stays at the committed
+    // index, behind the last log index.
+    let (commit, last_log) = wait_for(
+        "metrics of the cut-off node",
+        Duration::from_secs(5),
+        || {
+            let commit = metric(&lone, "tern_raft_commit_index")?;
+            let last_log = metric(&lone, "tern_raft_last_log_index")?;
+            (last_log > commit).then_some((commit, last_log))
+        },
+    );
+    assert_eq!(commit, lone_applied as f64, "last log {last_log}");
     // The majority elects a leader among itself and keeps committing.
     let followers: Vec<u64> = (1..=3).filter(|&id| id != leader).collect();
     let majority = c.node(followers[0]).addr.clone();

@@ -257,3 +257,73 @@ fn fast_dirtier_converges_through_throttling() {
     let s = &find(&lines, "summary").unwrap()["summary"];
     assert_eq!(s["mismatches"], 0, "{s}");
 }
+
+#[test]
+fn cancelled_migration_leaves_source_running_and_destination_gives_up() {
+    if !kvm_or_skip() {
+        return;
+    }
+    let (dest, addr, dest_out) = receiver(&["--for", "1s"]);
+    // 128 MiB at 4 MiB/s cannot finish before the deadline cancels it.
+    let src = tern(&[
+        "vm",
+        "run",
+        "--memory",
+        "256M",
+        "--workload",
+        "wss=128M,rate=5000,pattern=seq",
+        "--for",
+        "5s",
+        "--migrate-to",
+        &addr,
+        "--migrate-after",
+        "1s",
+        "--bandwidth",
+        "4",
+        "--migrate-deadline",
+        "1500ms",
+        "--json",
+    ]);
+    let (ok, out, err) = finish(src, None);
+    assert!(!ok, "a cancelled migration must fail: {out}");
+    assert!(err.contains("keeps running here"), "{err}");
+    let lines = json_lines(&out);
+    let failed_at = lines
+        .iter()
+        .position(|v| v["event"] == "migration_failed")
+        .unwrap_or_else(|| panic!("{out}"));
+    assert!(
+        lines[failed_at]["error"]
+            .as_str()
+            .unwrap()
+            .contains("cancelled"),
+        "{}",
+        lines[failed_at]
+    );
+    assert!(find(&lines, "migrated").is_none(), "{out}");
+    // The guest kept running (and writing) on the source after the cancel.
+    let written = |v: &Value| v["status"]["pages_written"].as_u64();
+    let before = lines[..failed_at]
+        .iter()
+        .filter_map(written)
+        .max()
+        .unwrap_or(0);
+    let after = lines[failed_at..]
+        .iter()
+        .filter_map(written)
+        .max()
+        .unwrap_or(0);
+    assert!(
+        after > before,
+        "no progress after the cancel: {before} -> {after}"
+    );
+    let s = &find(&lines, "summary").unwrap_or_else(|| panic!("{out}"))["summary"];
+    assert_eq!(s["mismatches"], 0, "{s}");
+    assert!(s["vm_error"].is_null(), "{s}");
+    assert!(s["elapsed_s"].as_f64().unwrap() > 4.5, "{s}");
+    // The destination learned of the abort, dropped its VM and failed.
+    let (ok, out, err) = finish(dest, Some(dest_out));
+    assert!(!ok, "the destination cannot have a VM: {out}");
+    assert!(err.contains("cancelled"), "{err}");
+    assert!(find(&json_lines(&out), "received").is_none(), "{out}");
+}

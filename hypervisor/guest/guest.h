@@ -37,7 +37,7 @@ struct status {
 
 #define STATUS ((volatile struct status *)STATUS_ADDR)
 
-enum pattern { PATTERN_SEQ, PATTERN_RANDOM, PATTERN_HOTCOLD };
+enum pattern { PATTERN_SEQ, PATTERN_RANDOM, PATTERN_HOTCOLD, PATTERN_ONCE };
 
 /* What the ring-0 stub hands to the workload (read-only once the workload runs). */
 struct config {

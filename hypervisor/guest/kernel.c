@@ -200,8 +200,10 @@ static void parse_cmdline(void)
                 cfg.pattern = PATTERN_RANDOM;
             else if (streq(v, "hotcold", vn))
                 cfg.pattern = PATTERN_HOTCOLD;
+            else if (streq(v, "once", vn))
+                cfg.pattern = PATTERN_ONCE;
             else
-                bad_word("command line: bad pattern (seq, random, hotcold): ", w, n);
+                bad_word("command line: bad pattern (seq, random, hotcold, once): ", w, n);
         } else {
             bad_word("command line: unknown key in ", w, n);
         }

@@ -90,6 +90,8 @@ void user_main(u32 cpu)
     if (!prng)
         prng = 1;
     u64 seq = 0, verify = mine / 2;
+    /* pattern=once: set after the last page of the share was written; only checks follow. */
+    int written_once = 0;
     u64 now = rdtsc();
     u64 last = now, period_start = now, next_write = now;
     u64 local_max = 0;
@@ -131,7 +133,7 @@ void user_main(u32 cpu)
             continue;
         }
 
-        if (!interval || (long long)(now - next_write) >= 0) {
+        if (!written_once && (!interval || (long long)(now - next_write) >= 0)) {
             u64 j;
             switch (cfg.pattern) {
             case PATTERN_RANDOM:
@@ -148,8 +150,10 @@ void user_main(u32 cpu)
             }
             default:
                 j = seq++;
-                if (seq == mine)
+                if (seq == mine) {
                     seq = 0;
+                    written_once = cfg.pattern == PATTERN_ONCE;
+                }
             }
             write_page(j * n + cpu);
             n_written++;

@@ -12,6 +12,8 @@ pub enum Pattern {
     Seq,
     Random,
     Hotcold,
+    /// Every page once, in order, then only re-checks (no more writes).
+    Once,
 }
 
 impl fmt::Display for Pattern {
@@ -20,6 +22,7 @@ impl fmt::Display for Pattern {
             Pattern::Seq => "seq",
             Pattern::Random => "random",
             Pattern::Hotcold => "hotcold",
+            Pattern::Once => "once",
         })
     }
 }
@@ -114,9 +117,10 @@ impl FromStr for Workload {
                         "seq" => Pattern::Seq,
                         "random" => Pattern::Random,
                         "hotcold" => Pattern::Hotcold,
+                        "once" => Pattern::Once,
                         _ => {
                             return Err(Error::Workload(format!(
-                                "pattern={value:?} is not one of seq, random, hotcold"
+                                "pattern={value:?} is not one of seq, random, hotcold, once"
                             )))
                         }
                     }
@@ -219,8 +223,8 @@ mod tests {
         }
 
         #[test]
-        fn display_round_trips(pages in 1u64..1_000_000, rate in 0u64..10_000_000, duty in 1u8..=100, seed: u64, p in 0..3) {
-            let pattern = [Pattern::Seq, Pattern::Random, Pattern::Hotcold][p as usize];
+        fn display_round_trips(pages in 1u64..1_000_000, rate in 0u64..10_000_000, duty in 1u8..=100, seed: u64, p in 0..4) {
+            let pattern = [Pattern::Seq, Pattern::Random, Pattern::Hotcold, Pattern::Once][p as usize];
             let w = Workload { wss: pages * 4096, rate, pattern, duty, seed };
             prop_assert_eq!(w.to_string().parse::<Workload>().unwrap(), w);
         }

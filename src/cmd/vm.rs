@@ -35,7 +35,7 @@ pub struct RunArgs {
     /// Number of vCPUs.
     #[arg(long, default_value_t = 1)]
     pub vcpus: usize,
-    /// Guest workload: wss=SIZE,rate=PAGES_PER_S,pattern=seq|random|hotcold,duty=1..100,seed=N.
+    /// Guest workload: wss=SIZE,rate=PAGES_PER_S,pattern=seq|random|hotcold|once,duty=1..100,seed=N.
     #[arg(long, default_value = "wss=64M,rate=20000,pattern=random,duty=100")]
     pub workload: String,
     /// How long to run (e.g. 10s, 500ms, 2m; 0 = until Ctrl-C).

@@ -18,7 +18,7 @@ pub struct MigrateOpts {
     #[arg(long)]
     pub migrate_to: Option<SocketAddr>,
     /// Start migrating this long after the guest started (e.g. 500ms, 2s).
-    #[arg(long, value_parser = parse_duration, default_value = "0s")]
+    #[arg(long, value_parser = duration_arg, default_value = "0s")]
     pub migrate_after: Duration,
     /// Target for the pause at switchover, in milliseconds.
     #[arg(long, default_value_t = 5)]
@@ -35,6 +35,10 @@ pub struct MigrateOpts {
     /// Compare a hash of all guest memory on both sides at switchover (adds to downtime).
     #[arg(long)]
     pub verify_memory: bool,
+    /// Cancel the migration if it has not finished this long after it started (the VM keeps
+    /// running here).
+    #[arg(long, value_parser = duration_arg)]
+    pub migrate_deadline: Option<Duration>,
 }
 
 impl MigrateOpts {
@@ -57,10 +61,10 @@ pub struct ReceiveArgs {
     #[arg(long)]
     pub listen: SocketAddr,
     /// After the migration, run the guest this long (e.g. 5s), printing its progress.
-    #[arg(long = "for", value_parser = parse_duration)]
+    #[arg(long = "for", value_parser = duration_arg)]
     pub run_for: Option<Duration>,
     /// Give up if no migration arrives within this long.
-    #[arg(long, value_parser = parse_duration)]
+    #[arg(long, value_parser = duration_arg)]
     pub accept_timeout: Option<Duration>,
     /// Token a source must present.
     #[arg(long, default_value = "")]
@@ -124,6 +128,8 @@ pub fn stats_json(s: &MigrationStats, guest_max_stall_us: Option<u64>) -> serde_
     serde_json::json!({
         "event": "migrated",
         "total_ms": s.total.as_secs_f64() * 1e3,
+        "handshake_ms": ms(s.handshake),
+        "first_pass_ms": ms(s.first_pass),
         "downtime_ms": s.downtime.as_secs_f64() * 1e3,
         "guest_max_stall_us": guest_max_stall_us,
         "bytes_sent": s.bytes_sent,
@@ -135,7 +141,22 @@ pub fn stats_json(s: &MigrationStats, guest_max_stall_us: Option<u64>) -> serde_
         "final_throttle": s.final_throttle,
         "bandwidth_mib_s": s.bandwidth / 1048576.0,
         "memory_hash": s.memory_hash.map(|h| format!("{h:016x}")),
+        "switchover_ms": {
+            "pause": ms(s.switchover.pause),
+            "final_bitmap": ms(s.switchover.final_bitmap),
+            "final_send": ms(s.switchover.final_send),
+            "final_pages": s.switchover.final_pages,
+            "state_save": ms(s.switchover.state_save),
+            "state_bytes": s.switchover.state_bytes,
+            "state_transfer": ms(s.switchover.state_transfer),
+            "gate": ms(s.switchover.gate),
+            "resume_ack": ms(s.switchover.resume_ack),
+        },
     })
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
 }
 
 pub fn print_stats(s: &MigrationStats, guest_max_stall_us: Option<u64>, json: bool) {
@@ -200,7 +221,9 @@ where
                 "zero_pages": stats.zero_pages,
                 "bytes": stats.bytes_received,
                 "image_ready_after_ms": stats.image_ready_after.as_secs_f64() * 1e3,
-                "resume_took_ms": stats.resume_took.as_secs_f64() * 1e3,
+                "resume_took_ms": ms(stats.resume_took),
+                "restore_took_ms": ms(stats.restore_took),
+                "stage_took_ms": ms(stats.stage_took),
             })
         );
     } else {
@@ -212,26 +235,10 @@ where
     Ok((vm, stats))
 }
 
-/// `500ms`, `2s`, `1.5s`, `3m`, or a bare number of seconds.
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let s = s.trim();
-    let (num, scale) = if let Some(n) = s.strip_suffix("ms") {
-        (n, 1e-3)
-    } else if let Some(n) = s.strip_suffix('s') {
-        (n, 1.0)
-    } else if let Some(n) = s.strip_suffix('m') {
-        (n, 60.0)
-    } else {
-        (s, 1.0)
-    };
-    let v: f64 = num
-        .trim()
-        .parse()
-        .map_err(|_| format!("not a duration: {s:?} (try 500ms, 2s, 1m)"))?;
-    if !v.is_finite() || v < 0.0 || v * scale > 1e9 {
-        return Err(format!("duration out of range: {s:?}"));
-    }
-    Ok(Duration::from_secs_f64(v * scale))
+/// clap adapter for [`super::vm::parse_duration`] (`500ms`, `2s`, `1.5s`, `3m`, `1h`, or a
+/// bare number of seconds).
+pub fn duration_arg(s: &str) -> Result<Duration, String> {
+    super::vm::parse_duration(s).map_err(|e| format!("{e:#}"))
 }
 
 #[cfg(test)]
@@ -240,11 +247,11 @@ mod tests {
 
     #[test]
     fn durations() {
-        assert_eq!(parse_duration("2s").unwrap(), Duration::from_secs(2));
-        assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
-        assert_eq!(parse_duration("1m").unwrap(), Duration::from_secs(60));
-        assert!(parse_duration("-1s").is_err());
-        assert!(parse_duration("soon").is_err());
+        assert_eq!(duration_arg("2s").unwrap(), Duration::from_secs(2));
+        assert_eq!(duration_arg("250ms").unwrap(), Duration::from_millis(250));
+        assert_eq!(duration_arg("1m").unwrap(), Duration::from_secs(60));
+        assert!(duration_arg("-1s").is_err());
+        assert!(duration_arg("soon").is_err());
     }
 }
 
@@ -282,9 +289,14 @@ pub fn run_migrating(
     let cancel = CancelToken::new();
     let canceller = {
         let cancel = cancel.clone();
+        let deadline = args
+            .migrate
+            .migrate_deadline
+            .map(|d| std::time::Instant::now() + d);
         std::thread::spawn(move || {
             while !cancel.is_cancelled() {
-                if signals::stop_requested() {
+                let overdue = deadline.is_some_and(|d| std::time::Instant::now() >= d);
+                if signals::stop_requested() || overdue {
                     cancel.cancel();
                 }
                 std::thread::sleep(Duration::from_millis(20));

@@ -1,13 +1,26 @@
 //! A TCP proxy network for partition tests: one proxy in front of each node, and a link table
 //! the test can sever and heal per pair of nodes.
 //!
+//! Usage (see `tests/cluster_raft.rs`):
+//! ```ignore
+//! let net = ProxyNet::new();
+//! // Node 1 listens on 127.a.b.1:7400 (each node on its own loopback IP).
+//! let proxy1 = net.add(1, "127.a.b.1:7400".parse()?);
+//! // start: tern node --id 1 --listen 127.a.b.1:7400 --advertise {proxy1} ...
+//! net.isolate(1);      // node 1 can reach no other node and no other node can reach it
+//! net.sever(1, 2);     // or cut one link, both ways
+//! net.heal_all();      // or heal(1, 2)
+//! ```
+//!
 //! Each node advertises its proxy's address (`tern node --advertise`), so every peer
-//! connection to node B goes through B's proxy. A node's outgoing connections leave from its
-//! own listen IP, so the proxy tells the caller by its source IP (register it with
-//! `add_node`). A connection over a severed link is accepted and then black-holed (bytes
-//! are read and dropped, nothing answers), as on a cut network: the caller times out. Severing
-//! a link also closes the connections already open over it. Connections from unregistered
-//! addresses (the test itself) always pass.
+//! connection to node B (Raft RPCs, forwarded writes and reads) goes through B's proxy. A
+//! node's outgoing connections leave from its own listen IP, so the proxy tells the caller by
+//! its source IP; nodes therefore need distinct loopback IPs. A connection over a severed link
+//! is accepted and then black-holed (bytes are read and dropped, nothing answers), as on a cut
+//! network: the caller times out. Severing a link also closes the connections already open
+//! over it. Connections from unregistered addresses (the test itself talking to a node's
+//! listen address, or to a proxy) always pass. Only traffic addressed to a node's advertised
+//! address is proxied: anything a node reaches on another port is not cut.
 use std::collections::{HashMap, HashSet};
 use std::io::{Read, Write};
 use std::net::{IpAddr, Shutdown, SocketAddr, TcpListener, TcpStream};
@@ -47,6 +60,12 @@ fn pair(a: NodeId, b: NodeId) -> (NodeId, NodeId) {
 impl ProxyNet {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// Start a proxy for node `id`, which listens on `listen` (its own loopback IP): the proxy
+    /// takes another port on the same IP. Returns the address the node must advertise.
+    pub fn add(&self, id: NodeId, listen: SocketAddr) -> SocketAddr {
+        self.add_node(id, listen.ip(), listen.ip(), listen)
     }
 
     /// Start a proxy for node `id` on `proxy_ip` (any free port) forwarding to `target`.

@@ -105,7 +105,15 @@ impl StateMachineStore {
 impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
     async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError> {
         let data = self.data.lock().await.clone();
-        let bytes = serde_json::to_vec(&data).map_err(write_err)?;
+        // Serializing the whole state takes milliseconds: off the async workers, so Raft
+        // traffic and client writes on this node are not stalled behind it.
+        let (data, bytes) = tokio::task::spawn_blocking(move || {
+            let bytes = serde_json::to_vec(&data);
+            (data, bytes)
+        })
+        .await
+        .map_err(write_err)?;
+        let bytes = bytes.map_err(write_err)?;
         let snapshot_id = match data.last_applied {
             Some(id) => format!(
                 "{}-{}-{}",

@@ -1,15 +1,16 @@
 //! The receiving side: one migration at a time, strangers and second sources refused.
 use std::net::{Shutdown, TcpListener, TcpStream};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use super::frame::read_frame;
+use super::frame::read_frame_into;
 use super::messages::{
     recv, send, Hello, Message, MAX_PAGES_PER_FRAME, PAGE_SIZE, PROTOCOL_VERSION,
 };
 use super::source::hash_memory;
+use super::transport::{limit_socket_buffers, DATA_STREAM_BUFFER};
 use super::vm::MigratableVm;
 use super::MigrationError;
 
@@ -47,6 +48,10 @@ pub struct ReceiveStats {
     pub image_ready_after: Duration,
     /// From Resume to Resumed.
     pub resume_took: Duration,
+    /// Of `resume_took`: loading the staged vCPU/device state.
+    pub restore_took: Duration,
+    /// Decoding and checking the state when it arrived (off the resume path).
+    pub stage_took: Duration,
 }
 
 enum Incoming {
@@ -261,6 +266,7 @@ fn run_session<V: MigratableVm>(
                 match slot {
                     Some(slot @ None) if s == session && token == cfg.token => {
                         stream.set_read_timeout(Some(cfg.io_timeout))?;
+                        limit_socket_buffers(&stream, DATA_STREAM_BUFFER);
                         *slot = Some(stream);
                     }
                     _ => {
@@ -283,13 +289,16 @@ fn run_session<V: MigratableVm>(
     }
     let streams: Vec<TcpStream> = streams.into_iter().flatten().collect();
     let counters = Mutex::new(ReceiveStats::default());
+    let written = WrittenPages::new(vm.memory_bytes() / PAGE_SIZE as u64);
     let (etx, erx) = mpsc::channel();
     std::thread::scope(|scope| {
         for (index, stream) in streams.iter().enumerate() {
             let (etx, counters, control) = (etx.clone(), &counters, control.try_clone());
+            let written = &written;
             scope.spawn(move || {
                 let mut stream = stream;
-                if let Err(e) = read_stream(vm, &mut stream, index as u16, &etx, counters) {
+                let r = read_stream(vm, &mut stream, index as u16, &etx, counters, written);
+                if let Err(e) = r {
                     let _ = etx.send(StreamEvent::Failed(e));
                     // Wake the control loop, which may be blocked reading.
                     if let Ok(c) = control {
@@ -333,7 +342,12 @@ fn control_loop<V: MigratableVm>(
     loop {
         wait_for_control(control, counters)?;
         match recv(control)? {
-            Message::DeviceState(s) => state = Some(s),
+            Message::DeviceState(s) => {
+                let t = Instant::now();
+                vm.stage_state(&s).map_err(|e| MigrationError::Vm(e.0))?;
+                lock(counters).stage_took = t.elapsed();
+                state = Some(s);
+            }
             Message::Complete { epoch, want_hash } => {
                 let t = Instant::now();
                 while flushed.iter().any(|e| *e < epoch) {
@@ -364,8 +378,12 @@ fn control_loop<V: MigratableVm>(
                     .as_deref()
                     .ok_or_else(|| MigrationError::Protocol("Resume before DeviceState".into()))?;
                 vm.restore_state(s).map_err(|e| MigrationError::Vm(e.0))?;
+                let restored = t.elapsed();
                 vm.resume().map_err(|e| MigrationError::Vm(e.0))?;
-                lock(counters).resume_took = t.elapsed();
+                let mut c = lock(counters);
+                c.restore_took = restored;
+                c.resume_took = t.elapsed();
+                drop(c);
                 send(control, &Message::Resumed)?;
                 return Ok(());
             }
@@ -423,6 +441,26 @@ fn wait_for_control(
     result
 }
 
+/// Pages this session has written with data. A page always arrives on the same stream, so
+/// each bit is only ever touched by one reader thread.
+struct WrittenPages(Vec<AtomicU64>);
+
+impl WrittenPages {
+    fn new(pages: u64) -> Self {
+        WrittenPages((0..pages.div_ceil(64)).map(|_| AtomicU64::new(0)).collect())
+    }
+    fn set(&self, pfn: u64) {
+        if let Some(w) = self.0.get((pfn / 64) as usize) {
+            w.fetch_or(1 << (pfn % 64), Ordering::Relaxed);
+        }
+    }
+    fn get(&self, pfn: u64) -> bool {
+        self.0
+            .get((pfn / 64) as usize)
+            .is_some_and(|w| w.load(Ordering::Relaxed) & (1 << (pfn % 64)) != 0)
+    }
+}
+
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
@@ -434,6 +472,7 @@ fn read_stream<V: MigratableVm>(
     index: u16,
     events: &Sender<StreamEvent>,
     counters: &Mutex<ReceiveStats>,
+    written: &WrittenPages,
 ) -> Result<(), MigrationError> {
     let zero = vec![0u8; PAGE_SIZE];
     let pages = vm.memory_bytes() / PAGE_SIZE as u64;
@@ -446,11 +485,13 @@ fn read_stream<V: MigratableVm>(
             Ok(())
         }
     };
-    while let Some(frame) = read_frame(stream)? {
-        let bytes = frame.payload.len() as u64 + 16;
-        if frame.kind == Message::Pages(Vec::new()).encode().0 {
+    let pages_kind = Message::Pages(Vec::new()).encode().0;
+    let mut payload = Vec::with_capacity(4 + MAX_PAGES_PER_FRAME * (8 + PAGE_SIZE));
+    while let Some(kind) = read_frame_into(stream, &mut payload)? {
+        let bytes = payload.len() as u64 + 16;
+        if kind == pages_kind {
             // Apply straight from the payload, without building a message.
-            let p = &frame.payload;
+            let p = &payload;
             let n = p
                 .get(0..4)
                 .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize)
@@ -467,13 +508,14 @@ fn read_stream<V: MigratableVm>(
                 check(pfn)?;
                 vm.write_page(pfn, &entry[8..])
                     .map_err(|e| MigrationError::Vm(e.0))?;
+                written.set(pfn);
             }
             let mut c = lock(counters);
             c.pages_received += n as u64;
             c.bytes_received += bytes;
             continue;
         }
-        match Message::decode(frame.kind, &frame.payload)? {
+        match Message::decode(kind, &payload)? {
             Message::Zeros(runs) => {
                 let mut count = 0u64;
                 for (start, n) in runs {
@@ -485,7 +527,9 @@ fn read_stream<V: MigratableVm>(
                             "zero run {start}+{n} is outside guest memory"
                         )));
                     }
-                    for pfn in start..end {
+                    // Fresh destination memory is zero: only pages this session wrote need
+                    // zeroing again (faulting in the others would cost for nothing).
+                    for pfn in (start..end).filter(|&p| written.get(p)) {
                         vm.write_page(pfn, &zero)
                             .map_err(|e| MigrationError::Vm(e.0))?;
                     }

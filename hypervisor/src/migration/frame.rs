@@ -55,6 +55,16 @@ pub fn write_frame<W: Write>(w: &mut W, kind: u8, payload: &[u8]) -> Result<(), 
 
 /// Read one frame; `Ok(None)` on a clean end of stream before any header byte.
 pub fn read_frame<R: Read>(r: &mut R) -> Result<Option<Frame>, MigrationError> {
+    let mut payload = Vec::new();
+    Ok(read_frame_into(r, &mut payload)?.map(|kind| Frame { kind, payload }))
+}
+
+/// [`read_frame`] into a buffer the caller reuses (no allocation per frame on the hot path);
+/// returns the kind, the payload is `buf`.
+pub fn read_frame_into<R: Read>(
+    r: &mut R,
+    buf: &mut Vec<u8>,
+) -> Result<Option<u8>, MigrationError> {
     let mut hdr = [0u8; HEADER_LEN];
     let mut got = 0;
     while got < HEADER_LEN {
@@ -71,20 +81,21 @@ pub fn read_frame<R: Read>(r: &mut R) -> Result<Option<Frame>, MigrationError> {
         }
     }
     decode_header(&hdr).and_then(|(kind, len, crc)| {
-        let mut payload = vec![0u8; len];
-        r.read_exact(&mut payload).map_err(|e| {
+        buf.resize(len, 0);
+        let payload = &mut buf[..];
+        r.read_exact(payload).map_err(|e| {
             if e.kind() == io::ErrorKind::UnexpectedEof {
                 MigrationError::Protocol(format!("stream truncated inside a {len} byte payload"))
             } else {
                 e.into()
             }
         })?;
-        if checksum(kind, len as u32, &payload) != crc {
+        if checksum(kind, len as u32, payload) != crc {
             return Err(MigrationError::Protocol(format!(
                 "checksum mismatch on a frame of kind {kind} ({len} bytes)"
             )));
         }
-        Ok(Some(Frame { kind, payload }))
+        Ok(Some(kind))
     })
 }
 

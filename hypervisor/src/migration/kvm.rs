@@ -30,6 +30,8 @@ pub struct KvmMigratable {
     vm: Mutex<Vm>,
     mem: Arc<GuestMemory>,
     config: String,
+    /// State decoded when it arrived (destination), with the bytes it came from.
+    staged: Mutex<Option<(Vec<u8>, VmState)>>,
 }
 
 impl KvmMigratable {
@@ -40,6 +42,7 @@ impl KvmMigratable {
             vm: Mutex::new(vm),
             mem,
             config,
+            staged: Mutex::new(None),
         }
     }
 
@@ -117,8 +120,22 @@ impl MigratableVm for KvmMigratable {
             .map_err(err)
     }
     fn restore_state(&self, state: &[u8]) -> VmResult<()> {
-        let s = VmState::from_bytes(state).map_err(err)?;
+        let staged = self
+            .staged
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+            .filter(|(bytes, _)| bytes == state);
+        let s = match staged {
+            Some((_, s)) => s,
+            None => VmState::from_bytes(state).map_err(err)?,
+        };
         self.lock().restore_state(&s).map_err(err)
+    }
+    fn stage_state(&self, state: &[u8]) -> VmResult<()> {
+        let s = VmState::from_bytes(state).map_err(err)?;
+        *self.staged.lock().unwrap_or_else(|p| p.into_inner()) = Some((state.to_vec(), s));
+        Ok(())
     }
     fn guest_max_stall_us(&self) -> Option<u64> {
         self.lock()

@@ -135,3 +135,70 @@ fn kvm_vm_migrates_with_identical_memory_and_continues() {
     src.into_inner().shutdown();
     dvm.into_inner().shutdown();
 }
+
+#[test]
+fn written_once_guest_migrates_and_keeps_verifying_without_writing() {
+    if !kvm_or_skip() {
+        return;
+    }
+    let w: crate::Workload = "wss=8M,rate=0,pattern=once".parse().unwrap();
+    let mut vm = Vm::new(VmConfig {
+        memory: 64 << 20,
+        vcpus: 1,
+        serial_log: None,
+    })
+    .unwrap();
+    vm.boot(crate::guest_image::IMAGE, &w.cmdline()).unwrap();
+    let src = KvmMigratable::new(vm, String::new());
+    let pages = w.wss / 4096;
+    let status = |vm: &KvmMigratable| vm.lock().guest_status().unwrap();
+    // The status page has no magic until the guest has booted.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        match src.lock().guest_status() {
+            Ok(st) if st.pages_written >= pages => break,
+            st => assert!(std::time::Instant::now() < deadline, "{st:?}"),
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(100));
+    assert_eq!(status(&src).pages_written, pages, "written exactly once");
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let dest = receive_kvm(listener, src.cpu_features());
+    let stats = migrate(
+        &src,
+        addr,
+        &MigrationConfig::default(),
+        Box::new(|| Ok(())),
+        &CancelToken::new(),
+        &mut |_| {},
+    )
+    .unwrap();
+    let (dvm, rstats) = dest.join().unwrap().unwrap();
+    // Nothing is dirtied after the write pass: the first pass is (about) everything.
+    assert!(stats.pages_sent >= pages, "{stats:?}");
+    let sw = &stats.switchover;
+    assert!(
+        sw.pause > Duration::ZERO && sw.resume_ack > Duration::ZERO,
+        "{sw:?}"
+    );
+    assert!(sw.state_bytes > 0, "{sw:?}");
+    let steps = sw.pause
+        + sw.final_bitmap
+        + sw.final_send
+        + sw.state_save
+        + sw.state_transfer
+        + sw.gate
+        + sw.resume_ack;
+    assert!(steps <= stats.downtime, "{steps:?} > {:?}", stats.downtime);
+    assert!(rstats.restore_took <= rstats.resume_took, "{rstats:?}");
+    let v0 = status(&dvm).pages_verified;
+    std::thread::sleep(Duration::from_millis(300));
+    let st = status(&dvm);
+    assert_eq!(st.mismatches, 0, "{st:?}");
+    assert_eq!(st.pages_written, pages, "no writes after the pass: {st:?}");
+    assert!(st.pages_verified > v0, "the guest keeps checking: {st:?}");
+    src.into_inner().shutdown();
+    dvm.into_inner().shutdown();
+}

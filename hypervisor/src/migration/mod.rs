@@ -24,7 +24,7 @@ pub use kvm::{feature_words, KvmMigratable};
 pub use messages::{Hello, VmSpec, PAGE_SIZE, PROTOCOL_VERSION};
 pub use policy::MigrationConfig;
 pub use source::{migrate, SwitchoverGate};
-pub use stats::{MigrationStats, Phase, Progress};
+pub use stats::{MigrationStats, Phase, Progress, SwitchoverProfile};
 pub use transport::CancelToken;
 pub use vm::{MigratableVm, VmOpError, VmResult};
 

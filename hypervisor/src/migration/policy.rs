@@ -80,6 +80,9 @@ pub struct RoundObservation {
     pub previous_dirty_pages: Option<u64>,
 }
 
+/// Dirty rate (as a share of the bandwidth) at which rounds stop converging in practice.
+const OUTRUN_RATIO: f64 = 0.9;
+
 /// Expected pause to send `pages` at `bandwidth` bytes/s.
 pub fn expected_downtime(pages: u64, bandwidth: f64) -> Duration {
     if bandwidth <= 0.0 {
@@ -104,13 +107,16 @@ pub fn decide(cfg: &MigrationConfig, memory_bytes: u64, obs: &RoundObservation) 
     if obs.round >= cfg.max_rounds {
         return Decision::Fail(FailReason::TooManyRounds);
     }
-    // The guest outruns the link (or the dirty set stops shrinking): take vCPU time away,
-    // one step per round, so the dirty rate falls below what the link drains.
-    let not_shrinking = obs
-        .previous_dirty_pages
-        .is_some_and(|p| obs.dirty_pages * 10 >= p * 9);
-    let outrunning = obs.dirty_rate >= obs.bandwidth * 0.5;
-    let throttle = if obs.round >= 1 && (outrunning || not_shrinking) {
+    // Throttle only when rounds cannot converge on their own: the guest dirties about as fast
+    // as the link drains, or the dirty set stopped shrinking for two rounds in a row. Below
+    // that, each round shrinks the set by the ratio of dirty rate to bandwidth, and taking
+    // vCPU time away would only slow the guest for nothing.
+    let outrunning = obs.dirty_rate >= obs.bandwidth * OUTRUN_RATIO;
+    let stalled = obs.round >= 2
+        && obs
+            .previous_dirty_pages
+            .is_some_and(|p| obs.dirty_pages * 10 >= p * 9);
+    let throttle = if obs.round >= 1 && (outrunning || stalled) {
         if obs.throttle == 0 {
             cfg.throttle_initial.min(cfg.throttle_max)
         } else {
@@ -184,6 +190,24 @@ mod tests {
         assert_eq!(
             decide(&cfg, 1 << 20, &o),
             Decision::Fail(FailReason::TooManyBytes)
+        );
+    }
+
+    #[test]
+    fn slower_dirtier_is_not_throttled() {
+        let cfg = MigrationConfig::default();
+        // Dirtying at half the link rate: each round halves the set, no throttle needed.
+        let mut o = obs(1, 60_000, 1e9, 0.5e9);
+        o.previous_dirty_pages = Some(61_000);
+        assert_eq!(
+            decide(&cfg, 1 << 30, &o),
+            Decision::Continue { throttle: 0 }
+        );
+        // The set stopped shrinking for a second round: now throttle.
+        o.round = 2;
+        assert_eq!(
+            decide(&cfg, 1 << 30, &o),
+            Decision::Continue { throttle: 20 }
         );
     }
 

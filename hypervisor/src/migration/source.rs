@@ -8,13 +8,17 @@ use super::frame::write_frame;
 use super::messages::{recv, send, Hello, Message, VmSpec, PAGE_SIZE, PROTOCOL_VERSION};
 use super::policy::{decide, expected_downtime, Decision, MigrationConfig, RoundObservation};
 use super::stats::{MemoryHasher, MigrationStats, Phase, Progress};
-use super::transport::{CancelToken, PageBatch, RateLimiter, ZeroRuns};
+use super::transport::{
+    limit_socket_buffers, CancelToken, PageBatch, RateLimiter, ZeroRuns, DATA_STREAM_BUFFER,
+};
 use super::vm::MigratableVm;
 use super::MigrationError;
 
 /// Pages are striped over streams in chunks of this many pages, so a page always travels on
 /// the same stream and a newer copy can never overtake an older one.
 const STRIPE_PAGES: u64 = 256;
+/// Sets up to this many pages are sent from the calling thread, stream after stream.
+const INLINE_PAGES: u64 = 256;
 /// Below this many bytes measured, bandwidth is assumed rather than trusted.
 const MIN_MEASURED_BYTES: u64 = 4 << 20;
 const ASSUMED_BANDWIDTH: f64 = 100e6;
@@ -147,8 +151,10 @@ impl<'a, V: MigratableVm> Run<'a, V> {
             other => return Err(unexpected("Welcome", &other)),
         };
         self.control = Some(control);
+        self.stats.handshake = start.elapsed();
         for i in 0..streams {
             let mut s = self.connect(addr)?;
+            limit_socket_buffers(&s, DATA_STREAM_BUFFER);
             send(
                 &mut s,
                 &Message::Join {
@@ -172,6 +178,7 @@ impl<'a, V: MigratableVm> Run<'a, V> {
         progress(&p);
         let mut round_start = Instant::now();
         self.send_pages(&touched)?;
+        self.stats.first_pass = round_start.elapsed();
         let mut previous_dirty = None;
         let mut throttle = 0u8;
         let mut dirty = loop {
@@ -226,13 +233,23 @@ impl<'a, V: MigratableVm> Run<'a, V> {
         p.phase = Phase::StopAndCopy;
         progress(&p);
         let pause_at = Instant::now();
+        let mut lap = Lap(pause_at);
         vm.pause().map_err(vm_err)?;
         *paused = true;
+        self.stats.switchover.pause = lap.next();
         dirty.union_with(&vm.take_dirty_bitmap().map_err(vm_err)?);
-        self.send_pages(&dirty)?;
+        self.stats.switchover.final_bitmap = lap.next();
+        self.stats.switchover.final_pages = dirty.count();
+        // The state goes first, on the control stream, so the destination decodes it while
+        // the last pages travel on the data streams.
         let state = vm.save_state().map_err(vm_err)?;
+        self.stats.switchover.state_bytes = state.len() as u64;
         let control = self.control.as_mut().ok_or(MigrationError::PeerClosed)?;
         send(control, &Message::DeviceState(state))?;
+        self.stats.switchover.state_save = lap.next();
+        self.send_pages(&dirty)?;
+        self.stats.switchover.final_send = lap.next();
+        let control = self.control.as_mut().ok_or(MigrationError::PeerClosed)?;
         send(
             control,
             &Message::Complete {
@@ -247,6 +264,7 @@ impl<'a, V: MigratableVm> Run<'a, V> {
             Message::Abort { reason } => return Err(MigrationError::Refused(reason)),
             other => return Err(unexpected("ImageReady", &other)),
         };
+        self.stats.switchover.state_transfer = lap.next();
         if let Some(h) = local_hash {
             if h != remote_hash {
                 return Err(MigrationError::Protocol(format!(
@@ -260,13 +278,16 @@ impl<'a, V: MigratableVm> Run<'a, V> {
         self.cancel.check()?;
         p.phase = Phase::Switchover;
         progress(&p);
+        lap.next();
         gate().map_err(MigrationError::GateRefused)?;
+        self.stats.switchover.gate = lap.next();
         let after_gate = |e: MigrationError| MigrationError::OutcomeUnknown(e.to_string());
         send(control, &Message::Resume).map_err(after_gate)?;
         match recv(control).map_err(after_gate)? {
             Message::Resumed => {}
             other => return Err(after_gate(unexpected("Resumed", &other))),
         }
+        self.stats.switchover.resume_ack = lap.next();
         self.stats.downtime = pause_at.elapsed();
         self.stats.total = start.elapsed();
         self.stats.final_throttle = throttle;
@@ -285,29 +306,40 @@ impl<'a, V: MigratableVm> Run<'a, V> {
         let n = self.streams.len() as u64;
         let t = Instant::now();
         let (vm, cancel, limiter) = (self.vm, self.cancel, &self.limiter);
-        let results: Vec<Result<StreamCounts, MigrationError>> = std::thread::scope(|scope| {
-            let handles: Vec<_> = self
-                .streams
+        let stripe = |i: usize| {
+            set.iter()
+                .filter(move |pfn| (pfn / STRIPE_PAGES) % n == i as u64)
+        };
+        let results: Vec<Result<StreamCounts, MigrationError>> = if set.count() <= INLINE_PAGES {
+            // A handful of pages (typically the final set): threads would cost more than
+            // they save.
+            self.streams
                 .iter_mut()
                 .enumerate()
-                .map(|(i, stream)| {
-                    scope.spawn(move || {
-                        let mine = set
-                            .iter()
-                            .filter(|pfn| (pfn / STRIPE_PAGES) % n == i as u64);
-                        send_stream(vm, stream, mine, epoch, cancel, limiter)
-                    })
-                })
-                .collect();
-            handles
-                .into_iter()
-                .map(|h| {
-                    h.join().unwrap_or_else(|_| {
-                        Err(MigrationError::Protocol("sender thread panicked".into()))
-                    })
-                })
+                .map(|(i, stream)| send_stream(vm, stream, stripe(i), epoch, cancel, limiter))
                 .collect()
-        });
+        } else {
+            std::thread::scope(|scope| {
+                let handles: Vec<_> = self
+                    .streams
+                    .iter_mut()
+                    .enumerate()
+                    .map(|(i, stream)| {
+                        scope.spawn(move || {
+                            send_stream(vm, stream, stripe(i), epoch, cancel, limiter)
+                        })
+                    })
+                    .collect();
+                handles
+                    .into_iter()
+                    .map(|h| {
+                        h.join().unwrap_or_else(|_| {
+                            Err(MigrationError::Protocol("sender thread panicked".into()))
+                        })
+                    })
+                    .collect()
+            })
+        };
         let mut bytes = 0;
         for r in results {
             let c = r?;
@@ -371,6 +403,16 @@ fn send_stream<V: MigratableVm>(
     send(stream, &Message::Flush { epoch })?;
     stream.flush()?;
     Ok(counts)
+}
+
+/// Successive intervals of the switchover.
+struct Lap(Instant);
+
+impl Lap {
+    fn next(&mut self) -> Duration {
+        let now = Instant::now();
+        now.duration_since(std::mem::replace(&mut self.0, now))
+    }
 }
 
 fn kind_of(m: &Message) -> u8 {

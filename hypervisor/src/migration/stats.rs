@@ -32,6 +32,10 @@ pub enum Phase {
 #[derive(Debug, Clone, Default)]
 pub struct MigrationStats {
     pub total: Duration,
+    /// Connecting until the destination's Welcome (it builds its VM meanwhile).
+    pub handshake: Duration,
+    /// Sending every touched page once.
+    pub first_pass: Duration,
     /// Source pause to destination's resume acknowledgement.
     pub downtime: Duration,
     pub bytes_sent: u64,
@@ -45,6 +49,29 @@ pub struct MigrationStats {
     pub bandwidth: f64,
     /// Memory hash both sides agreed on (when verification was asked for).
     pub memory_hash: Option<u64>,
+    /// Where the downtime went, step by step.
+    pub switchover: SwitchoverProfile,
+}
+
+/// The stop-and-copy steps as the source saw them; their sum is (about) the downtime.
+#[derive(Debug, Clone, Default)]
+pub struct SwitchoverProfile {
+    /// Asking the vCPUs to stop until all are parked.
+    pub pause: Duration,
+    /// The last KVM_GET_DIRTY_LOG.
+    pub final_bitmap: Duration,
+    /// Sending the last dirty pages over all streams.
+    pub final_send: Duration,
+    pub final_pages: u64,
+    /// Reading the vCPU and device state and sending it (before the last pages).
+    pub state_save: Duration,
+    pub state_bytes: u64,
+    /// Complete sent until ImageReady came back (the destination applying the last pages).
+    pub state_transfer: Duration,
+    /// The caller's switchover gate.
+    pub gate: Duration,
+    /// Resume sent until Resumed came back (the destination restoring state and resuming).
+    pub resume_ack: Duration,
 }
 
 /// CRC-32 over guest pages in order (SIMD-fast); both sides compute it the same way to

@@ -30,6 +30,32 @@ impl CancelToken {
     }
 }
 
+/// Kernel buffer (each direction) for a data stream. Small enough that little data sits in
+/// flight when the source pauses (the destination must drain it inside the downtime), large
+/// enough for full speed on a fast link.
+pub const DATA_STREAM_BUFFER: usize = 256 << 10;
+
+/// Cap the kernel's send and receive buffers of a data stream at `bytes` (best effort).
+pub fn limit_socket_buffers(s: &std::net::TcpStream, bytes: usize) {
+    use std::os::fd::AsRawFd;
+    let v = bytes as libc::c_int;
+    for opt in [libc::SO_SNDBUF, libc::SO_RCVBUF] {
+        // SAFETY: a valid socket fd owned by `s`, a c_int option value of the right size.
+        let rc = unsafe {
+            libc::setsockopt(
+                s.as_raw_fd(),
+                libc::SOL_SOCKET,
+                opt,
+                (&v as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if rc != 0 {
+            tracing::debug!(error = %std::io::Error::last_os_error(), "setsockopt buffer size");
+        }
+    }
+}
+
 /// Token bucket shared by all streams of one migration; `rate` 0 means unlimited.
 pub struct RateLimiter {
     rate: f64,

@@ -43,6 +43,11 @@ pub trait MigratableVm: Send + Sync {
     fn save_state(&self) -> VmResult<Vec<u8>>;
     /// Load state saved by `save_state` into a paused VM.
     fn restore_state(&self, state: &[u8]) -> VmResult<()>;
+    /// Destination: the state has arrived; decode and check it now, off the resume path, so
+    /// that `restore_state` of the same bytes only loads it. Errors refuse the image.
+    fn stage_state(&self, _state: &[u8]) -> VmResult<()> {
+        Ok(())
+    }
 
     /// The guest's own largest stall in microseconds, if it reports one.
     fn guest_max_stall_us(&self) -> Option<u64> {
