@@ -269,6 +269,12 @@ impl<'f> Engine<'f> {
                 if vm.in_migration {
                     self.acc.vm_short_in_migration += (vm.req_mips - vm.alloc_mips) * dt;
                 }
+                let entitled = if vm.in_migration {
+                    0.9 * vm.req_mips
+                } else {
+                    vm.req_mips
+                };
+                self.acc.vm_short_contention += (entitled - vm.alloc_mips).max(0.0) * dt;
             }
             for (v, vm) in c.vms.iter_mut().enumerate() {
                 let vs = &c.fleet.vms[v];

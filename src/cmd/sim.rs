@@ -116,6 +116,7 @@ fn print_summary(r: &Report) {
     println!("migrations       {}", r.migrations);
     println!("bytes moved      {:.1} GB", r.bytes_moved / 1e9);
     println!("unmet demand     {:.3} %", r.unmet_demand * 100.0);
+    println!("  by contention  {:.3} %", r.contention_unmet * 100.0);
     println!("mean imbalance   {:.4}", r.mean_imbalance);
     println!("mean active hosts {:.1}", r.mean_active_hosts);
     println!(

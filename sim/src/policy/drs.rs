@@ -25,6 +25,10 @@ pub struct Dpm {
     pub target: f64,
     /// Hosts switched off per tick at most (bounds the migrations it causes).
     pub max_off_per_tick: usize,
+    /// A VM's claim is its highest demand over this many past ticks...
+    pub peak_window: usize,
+    /// ... times this headroom.
+    pub headroom: f64,
 }
 
 impl Default for Dpm {
@@ -34,6 +38,8 @@ impl Default for Dpm {
             high: 0.65,
             target: 0.5,
             max_off_per_tick: 3,
+            peak_window: 12,
+            headroom: 1.15,
         }
     }
 }
@@ -139,6 +145,62 @@ impl Drs {
         }
     }
 
+    /// MIPS a VM may ask for soon: under plain DRS its full size (so a balancing move can
+    /// never create contention: the initial placement reserves full sizes too); under DPM its
+    /// recent peak with headroom (consolidation needs to pack tighter than full sizes).
+    fn claim(&self, c: &Cluster, v: usize) -> f64 {
+        let vs = c.vm_spec(v);
+        match &self.dpm {
+            None => vs.total_mips(),
+            Some(d) => {
+                let now = c.vms[v].req_mips / vs.total_mips();
+                let peak = c.vms[v]
+                    .history
+                    .iter()
+                    .take(d.peak_window)
+                    .fold(now, |a, &b| a.max(b));
+                (peak * d.headroom).min(1.0) * vs.total_mips()
+            }
+        }
+    }
+
+    /// Claimed MIPS per host: every VM on it, including VMs migrating in.
+    fn claims(&self, c: &Cluster) -> Vec<f64> {
+        let mut out = vec![0.0; c.hosts.len()];
+        for (v, vm) in c.vms.iter().enumerate() {
+            if let Some(h) = vm.dest.or(vm.host) {
+                out[h] += self.claim(c, v);
+            }
+        }
+        out
+    }
+
+    /// Whether `v` fits on `to` without risking contention: its claim fits the host's
+    /// unclaimed MIPS and one of its virtual cores fits a physical core.
+    fn fits(&self, c: &Cluster, claims: &[f64], v: usize, to: usize) -> bool {
+        let (hs, vs) = (c.host_spec(to), c.vm_spec(v));
+        hs.pe_mips + 1e-9 >= self.claim(c, v).min(vs.total_mips()) / vs.pes as f64
+            && claims[to] + self.claim(c, v) <= hs.total_mips() + 1e-9
+    }
+
+    /// The cost-benefit filter on the scheduler's plan: moves whose destination would be
+    /// claimed beyond its capacity are dropped (the scheduler balances on current demand).
+    fn without_contention(&self, c: &Cluster, moves: Vec<Move>) -> Vec<Move> {
+        let mut claims = self.claims(c);
+        let mut out = Vec::new();
+        for m in moves {
+            let Some(from) = c.vms[m.vm].host else { continue };
+            if !self.fits(c, &claims, m.vm, m.to) {
+                continue;
+            }
+            let k = self.claim(c, m.vm);
+            claims[m.to] += k;
+            claims[from] -= k;
+            out.push(m);
+        }
+        out
+    }
+
     fn sim_moves(&mut self, moves: &[tern_scheduler::Move], t: f64) -> Vec<Move> {
         let mut out = Vec::new();
         for m in moves {
@@ -221,6 +283,18 @@ impl Drs {
     }
 }
 
+fn parse_moves(moves: &[tern_scheduler::Move]) -> Vec<Move> {
+    moves
+        .iter()
+        .filter_map(|m| {
+            Some(Move {
+                vm: parse(&m.vm, 'v')?,
+                to: parse(&m.to, 'h')?,
+            })
+        })
+        .collect()
+}
+
 fn host_id(h: usize) -> String {
     format!("h{h}")
 }
@@ -234,6 +308,10 @@ fn parse(id: &str, prefix: char) -> Option<usize> {
 impl Policy for Drs {
     fn name(&self) -> String {
         if self.dpm.is_some() { "drs+dpm" } else { "drs" }.into()
+    }
+
+    fn history_len(&self) -> usize {
+        self.dpm.as_ref().map_or(0, |d| d.peak_window)
     }
 
     fn initial_placement(&mut self, c: &Cluster) -> Vec<Option<usize>> {
@@ -309,7 +387,11 @@ impl Policy for Drs {
         let plan = tern_scheduler::balance(&cluster, &self.cfg);
         tracing::debug!(t, ?plan, "drs balance");
         if let Ok(plan) = plan {
-            moves = self.sim_moves(&plan.moves, t);
+            let all = parse_moves(&plan.moves);
+            moves = self.without_contention(c, all);
+            for m in &moves {
+                self.last_moved[m.vm] = Some(t);
+            }
         }
         moves
     }
