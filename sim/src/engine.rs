@@ -333,6 +333,7 @@ impl<'f> Engine<'f> {
             } else {
                 0.0
             },
+            migrations: self.acc.migrations,
         });
     }
 }

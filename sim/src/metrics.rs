@@ -30,6 +30,8 @@ pub struct TimePoint {
     pub active_hosts: usize,
     /// Share of demanded MIPS not served at this instant.
     pub unmet: f64,
+    /// Migrations started since the run began (before this tick's moves).
+    pub migrations: u64,
 }
 
 #[derive(Debug, Clone, Serialize)]

@@ -189,7 +189,9 @@ impl Drs {
         let mut claims = self.claims(c);
         let mut out = Vec::new();
         for m in moves {
-            let Some(from) = c.vms[m.vm].host else { continue };
+            let Some(from) = c.vms[m.vm].host else {
+                continue;
+            };
             if !self.fits(c, &claims, m.vm, m.to) {
                 continue;
             }

@@ -249,10 +249,12 @@ impl<'c, 'f> Plan<'c, 'f> {
                 continue;
             }
             let spec = self.c.host_spec(h);
-            // As in CloudSim: the load measured at the last update (plus what is migrating in),
-            // not what this round has planned onto the host; capacity is checked in suitable().
-            let measured = self.c.hosts[h].util_mips;
-            let after = (measured + self.cpu(h).incoming_extra + req) / spec.total_mips();
+            // As CloudSim 4.0 (getUtilizationOfCpuMips): the MIPS allocated to the host's
+            // planned members, including VMs planned onto it this round, plus the other 90 % of
+            // what is migrating in. The power it is compared with is the measured one.
+            let cpu = self.cpu(h);
+            let planned = cpu.used + cpu.incoming_extra;
+            let after = (planned + req) / spec.total_mips();
             if after > 1.0 + 1e-12 {
                 continue;
             }
@@ -260,7 +262,7 @@ impl<'c, 'f> Plan<'c, 'f> {
             if diff >= best {
                 continue;
             }
-            if measured != 0.0 && self.overloaded(h, Some(v)) {
+            if planned != 0.0 && self.overloaded(h, Some(v)) {
                 continue;
             }
             best = diff;
