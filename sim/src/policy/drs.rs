@@ -3,7 +3,7 @@
 //! when the powered-on hosts are lightly loaded, empty the least-loaded ones with the
 //! scheduler's evacuation and switch them off; switch hosts back on when load rises).
 use crate::cluster::Cluster;
-use crate::policy::lrmmt::pabfd_initial;
+use crate::policy::lrmmt::packed_initial;
 use crate::policy::{Move, Policy};
 use tern_scheduler::Config;
 use tern_scheduler::{Host, HostState, InFlight, Snapshot, Vm};
@@ -119,7 +119,13 @@ impl Drs {
                 host: host_id(h),
                 vcpus: vs.pes,
                 memory_mib: vs.ram_mb as f64,
-                cpu_demand_mhz: vm.req_mips,
+                // Under DPM the scheduler plans on each VM's claim (recent peak with headroom),
+                // so that consolidated hosts still fit the next rise in demand.
+                cpu_demand_mhz: if self.dpm.is_some() {
+                    self.claim(c, v)
+                } else {
+                    vm.req_mips
+                },
                 active_memory_mib: vs.ram_mb as f64,
                 dirty_rate_mib_s: vs.dirty_mb_s * demand,
                 cpu: Default::default(),
@@ -317,8 +323,8 @@ impl Policy for Drs {
     }
 
     fn initial_placement(&mut self, c: &Cluster) -> Vec<Option<usize>> {
-        // Same starting point as the baseline, so runs compare policies, not placements.
-        pabfd_initial(c)
+        // Same starting point as `none`, so runs compare policies, not placements.
+        packed_initial(c)
     }
 
     fn restart(&mut self, c: &Cluster, vms: &[usize]) -> Vec<Option<usize>> {

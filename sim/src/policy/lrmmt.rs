@@ -142,13 +142,28 @@ fn has_settled_vm(plan: &Plan, h: usize) -> bool {
 }
 
 /// CloudSim's initial placement: VM by VM in list order, each asking for its full MIPS,
-/// power-aware best fit against a fleet that has not yet measured any load.
+/// power-aware best fit rating each host by the full MIPS of the VMs already placed on it
+/// (their allocation at creation). Since an empty host's power is its idle draw, the first
+/// VMs each get a host of their own.
 pub fn pabfd_initial(c: &Cluster) -> Vec<Option<usize>> {
+    best_fit_initial(c, true)
+}
+
+/// Tern's own starting placement for the `none`, `drs` and `drs+dpm` runs: VM by VM, each
+/// reserving its full MIPS, on the host whose power rises least from its measured (zero)
+/// load: this fills the most power-efficient hosts first, never beyond their MIPS.
+/// (CloudSim's rule above instead spreads one VM per host, which no operator would do.)
+pub fn packed_initial(c: &Cluster) -> Vec<Option<usize>> {
+    best_fit_initial(c, false)
+}
+
+fn best_fit_initial(c: &Cluster, rate_planned_load: bool) -> Vec<Option<usize>> {
     if c.fleet.spread_initial {
         return spread_initial(c);
     }
     let mut plan = Plan::new(c);
     plan.placed_ask_nothing = true;
+    plan.rate_planned_load = rate_planned_load;
     let none = vec![false; c.hosts.len()];
     (0..c.vms.len())
         .map(|v| {
