@@ -29,6 +29,8 @@ pub struct VmRt {
     pub req_mips: f64,
     pub alloc_mips: f64,
     pub in_migration: bool,
+    /// Left the run for good (CloudSim's finished VMs, see Fleet::cloudsim_engine).
+    pub retired: bool,
     /// Demand samples taken at each scheduling tick, most recent first.
     pub history: VecDeque<f64>,
 }
@@ -65,6 +67,7 @@ impl<'f> Cluster<'f> {
                 req_mips: v.total_mips(),
                 alloc_mips: 0.0,
                 in_migration: false,
+                retired: false,
                 history: VecDeque::with_capacity(history_len),
             })
             .collect();

@@ -77,8 +77,9 @@ pub fn run(
     events.sort_by(|a, b| a.at_s.total_cmp(&b.at_s));
     let mut next_event = 0;
     let ticks = ((fleet.duration_s / fleet.interval_s).ceil() as u64).saturating_sub(1);
+    let offset = if fleet.cloudsim_engine { 0.1 } else { 0.0 };
     for k in 1..=ticks {
-        let t = k as f64 * fleet.interval_s;
+        let t = k as f64 * fleet.interval_s + offset;
         e.drain_until(t, &events, &mut next_event, policy);
         e.update_all(t, true);
         e.sample(t);
@@ -278,7 +279,11 @@ impl<'f> Engine<'f> {
             }
             for (v, vm) in c.vms.iter_mut().enumerate() {
                 let vs = &c.fleet.vms[v];
-                vm.req_mips = vs.workload.at(t) * vs.total_mips();
+                vm.req_mips = if vm.retired {
+                    0.0
+                } else {
+                    vs.workload.at(t) * vs.total_mips()
+                };
                 if vm.host.is_none() {
                     vm.alloc_mips = 0.0;
                 }
@@ -294,6 +299,9 @@ impl<'f> Engine<'f> {
         }
         if dt > 0.0 {
             self.last_t = t;
+        }
+        if c.fleet.cloudsim_engine && self.last_t > 0.0 {
+            retire_finished(c);
         }
         if tick {
             c.push_history();
@@ -335,5 +343,23 @@ impl<'f> Engine<'f> {
             },
             migrations: self.acc.migrations,
         });
+    }
+}
+
+/// CloudSim removes a VM that asks for exactly 0 MIPS at an update and is not migrating:
+/// its cloudlet scheduler reports it finished. The VM leaves its host for good.
+fn retire_finished(c: &mut Cluster) {
+    for v in 0..c.vms.len() {
+        let vm = &c.vms[v];
+        if vm.retired || vm.dest.is_some() || vm.req_mips != 0.0 {
+            continue;
+        }
+        let Some(h) = vm.host else { continue };
+        c.detach(v, h);
+        let vm = &mut c.vms[v];
+        vm.host = None;
+        vm.retired = true;
+        vm.alloc_mips = 0.0;
+        vm.in_migration = false;
     }
 }

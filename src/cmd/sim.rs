@@ -52,6 +52,7 @@ pub struct SimArgs {
 pub fn run(args: SimArgs) -> anyhow::Result<()> {
     let mut fleet = build_fleet(&args)?;
     fleet.cloudsim_ram = args.cloudsim_compat;
+    fleet.cloudsim_engine = args.cloudsim_compat;
     let mut policy = tern_sim::policy::by_name(&args.policy).with_context(|| {
         format!(
             "unknown policy {:?} (none, drs, drs+dpm, lr-mmt)",
