@@ -40,8 +40,9 @@ pub struct SimArgs {
     #[arg(long)]
     plot: Option<PathBuf>,
     /// CloudSim compatibility: reserve VM memory at creation only, as CloudSim's PlanetLab
-    /// runs do (their VMs ask for 0 MB once started). Needed to reproduce published numbers;
-    /// lets hosts hold more memory than they have.
+    /// runs do (their VMs ask for 0 MB once started; lets hosts hold more memory than they
+    /// have), tick at k x interval + 0.1 s and retire a VM that asks for exactly 0 MIPS, as
+    /// CloudSim's engine does. Needed to reproduce published numbers.
     #[arg(long)]
     cloudsim_compat: bool,
     /// No progress bar.
