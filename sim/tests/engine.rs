@@ -3,6 +3,7 @@ use std::io::Write;
 use tern_sim::cluster::Cluster;
 use tern_sim::fleet::{Fleet, HostSpec, VmSpec};
 use tern_sim::migration::MigrationModel;
+use tern_sim::policy::plan::Plan;
 use tern_sim::policy::{self, Move, Policy};
 use tern_sim::power::PowerModel;
 use tern_sim::workload::Workload;
@@ -304,4 +305,28 @@ fn cloudsim_engine_retires_vms_that_ask_for_nothing() {
     );
     assert_eq!(compat.timeline.last().map(|p| p.active_hosts), Some(1));
     assert_eq!(compat.timeline[0].t_s, 300.1);
+}
+
+#[test]
+fn best_fit_rates_hosts_by_their_planned_load_as_cloudsim_4_does() {
+    // Two empty G4-powered hosts, two VMs of 200 MIPS planned in one round. CloudSim 4.0
+    // rates a host by the MIPS allocated to the VMs planned onto it, so the second VM sees
+    // host 0 at 20 % (99.5 W at 40 %, +13.5 W over its measured idle 86 W) and takes host 1
+    // (+6.6 W); rating by the measured load (0 % for both, CloudSim 3.0) ties and keeps the
+    // first host, putting both VMs on host 0.
+    let f = fleet(
+        vec![host(1000.0, 4096), host(1000.0, 4096)],
+        vec![vm(200.0, 512, 0.2), vm(200.0, 512, 0.2)],
+        600.0,
+    );
+    let c = Cluster::new(&f, 0);
+    let anywhere = [false, false];
+    let mut plan = Plan::new(&c);
+    assert_eq!(plan.find_host(0, &anywhere), Some(0));
+    plan.create(0, 0);
+    assert_eq!(plan.find_host(1, &anywhere), Some(1));
+    let mut measured = Plan::new(&c);
+    measured.rate_planned_load = false;
+    measured.create(0, 0);
+    assert_eq!(measured.find_host(1, &anywhere), Some(0));
 }
