@@ -224,11 +224,19 @@ impl Drs {
 
     fn power_management(&mut self, c: &Cluster, t: f64, dpm: &Dpm) -> Vec<Move> {
         let n = c.hosts.len();
-        // Hosts that finished draining are switched off.
+        // Hosts that finished draining are switched off; a drain whose moves were refused
+        // (a VM still settled on the host) is called off, so the host serves again.
         for h in 0..n {
             if self.draining[h] && c.hosts[h].vms.is_empty() {
                 self.draining[h] = false;
                 self.standby[h] = true;
+            } else if self.draining[h]
+                && c.hosts[h]
+                    .vms
+                    .iter()
+                    .any(|&v| c.vms[v].host == Some(h) && c.vms[v].dest.is_none())
+            {
+                self.draining[h] = false;
             }
         }
         let on: Vec<usize> = (0..n)
@@ -264,6 +272,9 @@ impl Drs {
         });
         let mut moves = Vec::new();
         let (mut off, mut tries) = (0, 0);
+        // One snapshot for the whole pass: each drain's moves are added to it as in flight,
+        // so the next drain sees the room they take on their destinations.
+        let mut snap = self.snapshot(c, t);
         for h in order {
             tries += 1;
             if off >= dpm.max_off_per_tick || tries > 4 * dpm.max_off_per_tick {
@@ -273,7 +284,7 @@ impl Drs {
             if rest <= 0.0 || demand / rest > dpm.target {
                 break;
             }
-            let Ok(cluster) = tern_scheduler::Cluster::new(self.snapshot(c, t)) else {
+            let Ok(cluster) = tern_scheduler::Cluster::new(snap.clone()) else {
                 break;
             };
             let Ok(ev) = tern_scheduler::evacuate(&cluster, &host_id(h), &self.cfg) else {
@@ -281,6 +292,19 @@ impl Drs {
             };
             if !ev.stuck.is_empty() {
                 continue;
+            }
+            let id = host_id(h);
+            if let Some(sh) = snap.hosts.iter_mut().find(|x| x.id == id) {
+                sh.state = HostState::InMaintenance;
+            }
+            for m in &ev.moves {
+                snap.in_flight.push(InFlight {
+                    vm: m.vm.clone(),
+                    to: m.to.clone(),
+                });
+                if let Some(sv) = snap.vms.iter_mut().find(|x| x.id == m.vm) {
+                    sv.do_not_migrate = true;
+                }
             }
             self.draining[h] = true;
             cap = rest;
