@@ -125,7 +125,8 @@ impl<'f> Cluster<'f> {
             let vs = &self.fleet.vms[v];
             let per_pe = (self.vms[v].req_mips / vs.pes as f64).min(spec.pe_mips);
             let mut r = per_pe * vs.pes as f64;
-            if self.vms[v].dest == Some(h) {
+            // A VM on this host's list that lives elsewhere is migrating in.
+            if self.vms[v].host != Some(h) {
                 r *= 0.1;
             }
             required += r;
@@ -140,7 +141,7 @@ impl<'f> Cluster<'f> {
             let v = self.hosts[h].vms[i];
             let vs = &self.fleet.vms[v];
             let vm = &mut self.vms[v];
-            let incoming = vm.dest == Some(h);
+            let incoming = vm.host != Some(h);
             let outgoing = vm.dest.is_some() && !incoming;
             let per_pe_req = vm.req_mips / vs.pes as f64;
             let mut per_pe = per_pe_req.min(spec.pe_mips);

@@ -39,6 +39,8 @@ pub struct Engine<'f> {
     acc: Accum,
     last_t: f64,
     inflight: BinaryHeap<Completion>,
+    /// When each VM's latest migration started.
+    started_at: Vec<f64>,
     seq: u64,
     timeline: Vec<TimePoint>,
 }
@@ -60,6 +62,7 @@ pub fn run(
         acc: Accum::default(),
         last_t: 0.0,
         inflight: BinaryHeap::new(),
+        started_at: vec![f64::NAN; fleet.vms.len()],
         seq: 0,
         timeline: Vec::new(),
     };
@@ -138,7 +141,12 @@ impl<'f> Engine<'f> {
             }
             self.inflight.pop();
             if self.c.vms[m.vm].dest != Some(m.to) {
-                continue; // cancelled by a host failure
+                // Cancelled by a host failure, or the first of CloudSim's two simultaneous
+                // migrations of one VM (see start): the destination lets the VM go.
+                if self.c.vms[m.vm].host != Some(m.to) {
+                    self.c.detach(m.vm, m.to);
+                }
+                continue;
             }
             let src = self.c.vms[m.vm].host;
             if let Some(s) = src {
@@ -175,6 +183,9 @@ impl<'f> Engine<'f> {
                         self.c.vms[v].dest = None; // incoming migration aborted, VM stays home
                         continue;
                     }
+                    if self.c.vms[v].host != Some(h) {
+                        continue; // a second incoming copy (CloudSim double migration)
+                    }
                     if let Some(d) = self.c.vms[v].dest.take() {
                         self.c.detach(v, d);
                     }
@@ -207,7 +218,14 @@ impl<'f> Engine<'f> {
     fn start(&mut self, moves: &[Move], t: f64) {
         for m in moves {
             let vm = &self.c.vms[m.vm];
-            let ok = vm.dest.is_none()
+            // CloudSim starts every move it planned, even a second one of a VM whose first
+            // move starts in the same round: both destinations hold it while it moves, both
+            // count, and it ends on the second (its events complete in order).
+            let again = self.c.fleet.cloudsim_engine
+                && vm.dest.is_some()
+                && self.started_at.get(m.vm) == Some(&t)
+                && !self.c.hosts[m.to].vms.contains(&m.vm);
+            let ok = (vm.dest.is_none() || again)
                 && vm.host.is_some()
                 && vm.host != Some(m.to)
                 && self.c.has_room(m.to, m.vm);
@@ -230,6 +248,7 @@ impl<'f> Engine<'f> {
                 .cost(vs.ram_mb as f64, vs.dirty_mb_s * demand, link);
             self.c.attach(m.vm, m.to);
             self.c.vms[m.vm].dest = Some(m.to);
+            self.started_at[m.vm] = t;
             self.seq += 1;
             self.inflight.push(Completion {
                 at: t + cost.total_s,

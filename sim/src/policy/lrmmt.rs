@@ -115,7 +115,11 @@ impl Policy for LrMmt {
                     excluded += 1;
                 }
                 if planned[m.vm] {
-                    if let Some(prev) = moves.iter_mut().find(|p| p.vm == m.vm) {
+                    // CloudSim keeps both moves and runs both (see Engine::start); elsewhere
+                    // the first move is redirected.
+                    if c.fleet.cloudsim_engine {
+                        moves.push(*m);
+                    } else if let Some(prev) = moves.iter_mut().find(|p| p.vm == m.vm) {
                         prev.to = m.to;
                     }
                     continue;
