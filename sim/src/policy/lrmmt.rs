@@ -99,7 +99,7 @@ impl Policy for LrMmt {
             skip_dest[u] = true;
             excluded += 1;
             // A VM placed here by the overload step this round is evacuated again, as in
-            // CloudSim; its move is then redirected (CloudSim runs both migrations).
+            // CloudSim (which then runs both migrations; see below).
             let mut vms: Vec<usize> = plan.members[u]
                 .iter()
                 .copied()
