@@ -29,6 +29,8 @@ pub struct VmRt {
     pub req_mips: f64,
     pub alloc_mips: f64,
     pub in_migration: bool,
+    /// Left the run for good (CloudSim's finished VMs, see Fleet::cloudsim_engine).
+    pub retired: bool,
     /// Demand samples taken at each scheduling tick, most recent first.
     pub history: VecDeque<f64>,
 }
@@ -65,6 +67,7 @@ impl<'f> Cluster<'f> {
                 req_mips: v.total_mips(),
                 alloc_mips: 0.0,
                 in_migration: false,
+                retired: false,
                 history: VecDeque::with_capacity(history_len),
             })
             .collect();
@@ -122,7 +125,8 @@ impl<'f> Cluster<'f> {
             let vs = &self.fleet.vms[v];
             let per_pe = (self.vms[v].req_mips / vs.pes as f64).min(spec.pe_mips);
             let mut r = per_pe * vs.pes as f64;
-            if self.vms[v].dest == Some(h) {
+            // A VM on this host's list that lives elsewhere is migrating in.
+            if self.vms[v].host != Some(h) {
                 r *= 0.1;
             }
             required += r;
@@ -137,7 +141,7 @@ impl<'f> Cluster<'f> {
             let v = self.hosts[h].vms[i];
             let vs = &self.fleet.vms[v];
             let vm = &mut self.vms[v];
-            let incoming = vm.dest == Some(h);
+            let incoming = vm.host != Some(h);
             let outgoing = vm.dest.is_some() && !incoming;
             let per_pe_req = vm.req_mips / vs.pes as f64;
             let mut per_pe = per_pe_req.min(spec.pe_mips);

@@ -39,6 +39,8 @@ pub struct Engine<'f> {
     acc: Accum,
     last_t: f64,
     inflight: BinaryHeap<Completion>,
+    /// When each VM's latest migration started.
+    started_at: Vec<f64>,
     seq: u64,
     timeline: Vec<TimePoint>,
 }
@@ -60,6 +62,7 @@ pub fn run(
         acc: Accum::default(),
         last_t: 0.0,
         inflight: BinaryHeap::new(),
+        started_at: vec![f64::NAN; fleet.vms.len()],
         seq: 0,
         timeline: Vec::new(),
     };
@@ -77,8 +80,9 @@ pub fn run(
     events.sort_by(|a, b| a.at_s.total_cmp(&b.at_s));
     let mut next_event = 0;
     let ticks = ((fleet.duration_s / fleet.interval_s).ceil() as u64).saturating_sub(1);
+    let offset = if fleet.cloudsim_engine { 0.1 } else { 0.0 };
     for k in 1..=ticks {
-        let t = k as f64 * fleet.interval_s;
+        let t = k as f64 * fleet.interval_s + offset;
         e.drain_until(t, &events, &mut next_event, policy);
         e.update_all(t, true);
         e.sample(t);
@@ -137,7 +141,12 @@ impl<'f> Engine<'f> {
             }
             self.inflight.pop();
             if self.c.vms[m.vm].dest != Some(m.to) {
-                continue; // cancelled by a host failure
+                // Cancelled by a host failure, or the first of CloudSim's two simultaneous
+                // migrations of one VM (see start): the destination lets the VM go.
+                if self.c.vms[m.vm].host != Some(m.to) {
+                    self.c.detach(m.vm, m.to);
+                }
+                continue;
             }
             let src = self.c.vms[m.vm].host;
             if let Some(s) = src {
@@ -174,6 +183,9 @@ impl<'f> Engine<'f> {
                         self.c.vms[v].dest = None; // incoming migration aborted, VM stays home
                         continue;
                     }
+                    if self.c.vms[v].host != Some(h) {
+                        continue; // a second incoming copy (CloudSim double migration)
+                    }
                     if let Some(d) = self.c.vms[v].dest.take() {
                         self.c.detach(v, d);
                     }
@@ -206,7 +218,14 @@ impl<'f> Engine<'f> {
     fn start(&mut self, moves: &[Move], t: f64) {
         for m in moves {
             let vm = &self.c.vms[m.vm];
-            let ok = vm.dest.is_none()
+            // CloudSim starts every move it planned, even a second one of a VM whose first
+            // move starts in the same round: both destinations hold it while it moves, both
+            // count, and it ends on the second (its events complete in order).
+            let again = self.c.fleet.cloudsim_engine
+                && vm.dest.is_some()
+                && self.started_at.get(m.vm) == Some(&t)
+                && !self.c.hosts[m.to].vms.contains(&m.vm);
+            let ok = (vm.dest.is_none() || again)
                 && vm.host.is_some()
                 && vm.host != Some(m.to)
                 && self.c.has_room(m.to, m.vm);
@@ -229,6 +248,7 @@ impl<'f> Engine<'f> {
                 .cost(vs.ram_mb as f64, vs.dirty_mb_s * demand, link);
             self.c.attach(m.vm, m.to);
             self.c.vms[m.vm].dest = Some(m.to);
+            self.started_at[m.vm] = t;
             self.seq += 1;
             self.inflight.push(Completion {
                 at: t + cost.total_s,
@@ -269,10 +289,20 @@ impl<'f> Engine<'f> {
                 if vm.in_migration {
                     self.acc.vm_short_in_migration += (vm.req_mips - vm.alloc_mips) * dt;
                 }
+                let entitled = if vm.in_migration {
+                    0.9 * vm.req_mips
+                } else {
+                    vm.req_mips
+                };
+                self.acc.vm_short_contention += (entitled - vm.alloc_mips).max(0.0) * dt;
             }
             for (v, vm) in c.vms.iter_mut().enumerate() {
                 let vs = &c.fleet.vms[v];
-                vm.req_mips = vs.workload.at(t) * vs.total_mips();
+                vm.req_mips = if vm.retired {
+                    0.0
+                } else {
+                    vs.workload.at(t) * vs.total_mips()
+                };
                 if vm.host.is_none() {
                     vm.alloc_mips = 0.0;
                 }
@@ -288,6 +318,9 @@ impl<'f> Engine<'f> {
         }
         if dt > 0.0 {
             self.last_t = t;
+        }
+        if c.fleet.cloudsim_engine && self.last_t > 0.0 {
+            retire_finished(c);
         }
         if tick {
             c.push_history();
@@ -327,6 +360,25 @@ impl<'f> Engine<'f> {
             } else {
                 0.0
             },
+            migrations: self.acc.migrations,
         });
+    }
+}
+
+/// CloudSim removes a VM that asks for exactly 0 MIPS at an update and is not migrating:
+/// its cloudlet scheduler reports it finished. The VM leaves its host for good.
+fn retire_finished(c: &mut Cluster) {
+    for v in 0..c.vms.len() {
+        let vm = &c.vms[v];
+        if vm.retired || vm.dest.is_some() || vm.req_mips != 0.0 {
+            continue;
+        }
+        let Some(h) = vm.host else { continue };
+        c.detach(v, h);
+        let vm = &mut c.vms[v];
+        vm.host = None;
+        vm.retired = true;
+        vm.alloc_mips = 0.0;
+        vm.in_migration = false;
     }
 }

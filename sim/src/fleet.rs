@@ -66,6 +66,10 @@ pub struct Fleet {
     /// CloudSim compatibility: memory and bandwidth are reserved at creation only, later
     /// placements ignore them (CloudSim's PlanetLab VMs ask for 0 RAM once running).
     pub cloudsim_ram: bool,
+    /// CloudSim's engine semantics: ticks fall 0.1 s after each interval (its cloudlets
+    /// start at 0.1 s), and a VM that asks for exactly 0 MIPS at an update while not
+    /// migrating is treated as finished and leaves the run for good (getCompletedVms).
+    pub cloudsim_engine: bool,
     /// Start VMs round-robin instead of with CloudSim's best fit (large generated fleets).
     pub spread_initial: bool,
 }
@@ -129,6 +133,7 @@ impl Fleet {
             migration: MigrationModel::cloudsim(),
             events: Vec::new(),
             cloudsim_ram: false,
+            cloudsim_engine: false,
             spread_initial: false,
         })
     }
@@ -178,6 +183,7 @@ impl Fleet {
             migration: MigrationModel::precopy(),
             events: Vec::new(),
             cloudsim_ram: false,
+            cloudsim_engine: false,
             spread_initial: true,
         })
     }
@@ -324,6 +330,7 @@ impl FleetToml {
             migration: self.migration.unwrap_or_else(MigrationModel::precopy),
             events: self.event,
             cloudsim_ram: false,
+            cloudsim_engine: false,
             spread_initial: false,
         })
     }

@@ -3,6 +3,7 @@ use std::io::Write;
 use tern_sim::cluster::Cluster;
 use tern_sim::fleet::{Fleet, HostSpec, VmSpec};
 use tern_sim::migration::MigrationModel;
+use tern_sim::policy::plan::Plan;
 use tern_sim::policy::{self, Move, Policy};
 use tern_sim::power::PowerModel;
 use tern_sim::workload::Workload;
@@ -40,6 +41,7 @@ fn fleet(hosts: Vec<HostSpec>, vms: Vec<VmSpec>, duration_s: f64) -> Fleet {
         migration: MigrationModel::cloudsim(),
         events: Vec::new(),
         cloudsim_ram: false,
+        cloudsim_engine: false,
         spread_initial: false,
     }
 }
@@ -264,4 +266,121 @@ fn host_failure_restarts_vms_and_maintenance_empties_the_host() {
         assert!(r.timeline.iter().all(|p| p.load >= 0.0));
         let _ = r.restarts;
     }
+}
+
+#[test]
+fn cloudsim_engine_retires_vms_that_ask_for_nothing() {
+    // Host 0 holds VM 0 at 50 %; host 1 holds VM 1, idle for its first two samples and at
+    // 50 % afterwards. With CloudSim's engine semantics VM 1 reads exactly 0 at the first
+    // tick (300.1 s lies between two zero samples), is treated as finished and never comes
+    // back: host 1 then stays off although VM 1's trace rises later.
+    let mut idle_then_busy = vm(1000.0, 512, 0.5);
+    idle_then_busy.workload = Workload::Samples {
+        samples: vec![0.0, 0.0, 0.0, 0.5, 0.5, 0.5, 0.5].into(),
+        interval_s: 300.0,
+    };
+    let mut f = fleet(
+        vec![host(1000.0, 4096), host(1000.0, 4096)],
+        vec![vm(1000.0, 512, 0.5), idle_then_busy],
+        1800.0,
+    );
+    let plain = run(&f, policy::by_name("none").unwrap().as_mut());
+    f.cloudsim_engine = true;
+    let compat = run(&f, policy::by_name("none").unwrap().as_mut());
+    // Host 0 at 102 W (50 % of a G4) from the first tick (300 or 300.1 s) to the last (1500
+    // or 1500.1 s); without retirement host 1 also runs at 102 W once VM 1 wakes (from
+    // 900 s, its utilisation ramps 0 -> 50 % from 600 to 900 s but starts the interval
+    // at 0 %, so that interval is not charged).
+    let host0 = 1200.0 * 102.0 / 3.6e6;
+    let host1 = 600.0 * 102.0 / 3.6e6;
+    assert!(
+        (compat.energy_kwh - host0).abs() < 1e-9,
+        "{}",
+        compat.energy_kwh
+    );
+    assert!(
+        (plain.energy_kwh - (host0 + host1)).abs() < 1e-9,
+        "{}",
+        plain.energy_kwh
+    );
+    assert_eq!(compat.timeline.last().map(|p| p.active_hosts), Some(1));
+    assert_eq!(compat.timeline[0].t_s, 300.1);
+}
+
+#[test]
+fn best_fit_rates_hosts_by_their_planned_load_as_cloudsim_4_does() {
+    // Two empty G4-powered hosts, two VMs of 200 MIPS planned in one round. CloudSim 4.0
+    // rates a host by the MIPS allocated to the VMs planned onto it, so the second VM sees
+    // host 0 at 20 % (99.5 W at 40 %, +13.5 W over its measured idle 86 W) and takes host 1
+    // (+6.6 W); rating by the measured load (0 % for both, CloudSim 3.0) ties and keeps the
+    // first host, putting both VMs on host 0.
+    let f = fleet(
+        vec![host(1000.0, 4096), host(1000.0, 4096)],
+        vec![vm(200.0, 512, 0.2), vm(200.0, 512, 0.2)],
+        600.0,
+    );
+    let c = Cluster::new(&f, 0);
+    let anywhere = [false, false];
+    let mut plan = Plan::new(&c);
+    assert_eq!(plan.find_host(0, &anywhere), Some(0));
+    plan.create(0, 0);
+    assert_eq!(plan.find_host(1, &anywhere), Some(1));
+    let mut measured = Plan::new(&c);
+    measured.rate_planned_load = false;
+    measured.create(0, 0);
+    assert_eq!(measured.find_host(1, &anywhere), Some(0));
+}
+
+/// At the first tick, moves VM 0 to host 1 and, in the same batch, to host 2.
+struct TwoMoves {
+    done: bool,
+}
+
+impl Policy for TwoMoves {
+    fn name(&self) -> String {
+        "two-moves".into()
+    }
+    fn initial_placement(&mut self, c: &Cluster) -> Vec<Option<usize>> {
+        vec![Some(0); c.vms.len()]
+    }
+    fn restart(&mut self, _c: &Cluster, vms: &[usize]) -> Vec<Option<usize>> {
+        vec![None; vms.len()]
+    }
+    fn evacuate(&mut self, _c: &Cluster, _h: usize) -> Vec<Move> {
+        Vec::new()
+    }
+    fn optimize(&mut self, _c: &Cluster, _t: f64) -> Vec<Move> {
+        if std::mem::replace(&mut self.done, true) {
+            return Vec::new();
+        }
+        vec![Move { vm: 0, to: 1 }, Move { vm: 0, to: 2 }]
+    }
+}
+
+#[test]
+fn cloudsim_engine_runs_both_moves_of_a_vm_planned_twice() {
+    // Under CloudSim's engine both moves start: two migrations, both destinations hold 10 %
+    // of the VM while it moves, and it ends on the second. Otherwise the second is refused.
+    let f0 = fleet(
+        vec![host(1000.0, 4096), host(1000.0, 4096), host(1000.0, 4096)],
+        vec![vm(500.0, 625, 0.5)],
+        1200.0,
+    );
+    let plain = run(&f0, &mut TwoMoves { done: false });
+    assert_eq!((plain.migrations, plain.rejected_moves), (1, 1));
+    let mut f = f0.clone();
+    f.cloudsim_engine = true;
+    let both = run(&f, &mut TwoMoves { done: false });
+    assert_eq!((both.migrations, both.rejected_moves), (2, 0));
+    // 625 MB over 62.5 MB/s: 10 s during which hosts 1 and 2 both reserve 25 MIPS (2.5 %)
+    // and are short (their requested MIPS include the VM's 250); host 0 is short too (the VM
+    // gets 90 %). Afterwards only host 2 is on.
+    assert_eq!(both.timeline.last().map(|p| p.active_hosts), Some(1));
+    assert!(
+        both.slatah > plain.slatah,
+        "{} vs {}",
+        both.slatah,
+        plain.slatah
+    );
+    assert!(both.energy_kwh > plain.energy_kwh);
 }

@@ -3,7 +3,7 @@
 //! when the powered-on hosts are lightly loaded, empty the least-loaded ones with the
 //! scheduler's evacuation and switch them off; switch hosts back on when load rises).
 use crate::cluster::Cluster;
-use crate::policy::lrmmt::pabfd_initial;
+use crate::policy::lrmmt::packed_initial;
 use crate::policy::{Move, Policy};
 use tern_scheduler::Config;
 use tern_scheduler::{Host, HostState, InFlight, Snapshot, Vm};
@@ -25,6 +25,10 @@ pub struct Dpm {
     pub target: f64,
     /// Hosts switched off per tick at most (bounds the migrations it causes).
     pub max_off_per_tick: usize,
+    /// A VM's claim is its highest demand over this many past ticks...
+    pub peak_window: usize,
+    /// ... times this headroom.
+    pub headroom: f64,
 }
 
 impl Default for Dpm {
@@ -34,6 +38,8 @@ impl Default for Dpm {
             high: 0.65,
             target: 0.5,
             max_off_per_tick: 3,
+            peak_window: 12,
+            headroom: 1.15,
         }
     }
 }
@@ -113,7 +119,13 @@ impl Drs {
                 host: host_id(h),
                 vcpus: vs.pes,
                 memory_mib: vs.ram_mb as f64,
-                cpu_demand_mhz: vm.req_mips,
+                // Under DPM the scheduler plans on each VM's claim (recent peak with headroom),
+                // so that consolidated hosts still fit the next rise in demand.
+                cpu_demand_mhz: if self.dpm.is_some() {
+                    self.claim(c, v)
+                } else {
+                    vm.req_mips
+                },
                 active_memory_mib: vs.ram_mb as f64,
                 dirty_rate_mib_s: vs.dirty_mb_s * demand,
                 cpu: Default::default(),
@@ -139,6 +151,64 @@ impl Drs {
         }
     }
 
+    /// MIPS a VM may ask for soon: under plain DRS its full size (so a balancing move can
+    /// never create contention: the initial placement reserves full sizes too); under DPM its
+    /// recent peak with headroom (consolidation needs to pack tighter than full sizes).
+    fn claim(&self, c: &Cluster, v: usize) -> f64 {
+        let vs = c.vm_spec(v);
+        match &self.dpm {
+            None => vs.total_mips(),
+            Some(d) => {
+                let now = c.vms[v].req_mips / vs.total_mips();
+                let peak = c.vms[v]
+                    .history
+                    .iter()
+                    .take(d.peak_window)
+                    .fold(now, |a, &b| a.max(b));
+                (peak * d.headroom).min(1.0) * vs.total_mips()
+            }
+        }
+    }
+
+    /// Claimed MIPS per host: every VM on it, including VMs migrating in.
+    fn claims(&self, c: &Cluster) -> Vec<f64> {
+        let mut out = vec![0.0; c.hosts.len()];
+        for (v, vm) in c.vms.iter().enumerate() {
+            if let Some(h) = vm.dest.or(vm.host) {
+                out[h] += self.claim(c, v);
+            }
+        }
+        out
+    }
+
+    /// Whether `v` fits on `to` without risking contention: its claim fits the host's
+    /// unclaimed MIPS and one of its virtual cores fits a physical core.
+    fn fits(&self, c: &Cluster, claims: &[f64], v: usize, to: usize) -> bool {
+        let (hs, vs) = (c.host_spec(to), c.vm_spec(v));
+        hs.pe_mips + 1e-9 >= self.claim(c, v).min(vs.total_mips()) / vs.pes as f64
+            && claims[to] + self.claim(c, v) <= hs.total_mips() + 1e-9
+    }
+
+    /// The cost-benefit filter on the scheduler's plan: moves whose destination would be
+    /// claimed beyond its capacity are dropped (the scheduler balances on current demand).
+    fn without_contention(&self, c: &Cluster, moves: Vec<Move>) -> Vec<Move> {
+        let mut claims = self.claims(c);
+        let mut out = Vec::new();
+        for m in moves {
+            let Some(from) = c.vms[m.vm].host else {
+                continue;
+            };
+            if !self.fits(c, &claims, m.vm, m.to) {
+                continue;
+            }
+            let k = self.claim(c, m.vm);
+            claims[m.to] += k;
+            claims[from] -= k;
+            out.push(m);
+        }
+        out
+    }
+
     fn sim_moves(&mut self, moves: &[tern_scheduler::Move], t: f64) -> Vec<Move> {
         let mut out = Vec::new();
         for m in moves {
@@ -154,11 +224,19 @@ impl Drs {
 
     fn power_management(&mut self, c: &Cluster, t: f64, dpm: &Dpm) -> Vec<Move> {
         let n = c.hosts.len();
-        // Hosts that finished draining are switched off.
+        // Hosts that finished draining are switched off; a drain whose moves were refused
+        // (a VM still settled on the host) is called off, so the host serves again.
         for h in 0..n {
             if self.draining[h] && c.hosts[h].vms.is_empty() {
                 self.draining[h] = false;
                 self.standby[h] = true;
+            } else if self.draining[h]
+                && c.hosts[h]
+                    .vms
+                    .iter()
+                    .any(|&v| c.vms[v].host == Some(h) && c.vms[v].dest.is_none())
+            {
+                self.draining[h] = false;
             }
         }
         let on: Vec<usize> = (0..n)
@@ -194,6 +272,9 @@ impl Drs {
         });
         let mut moves = Vec::new();
         let (mut off, mut tries) = (0, 0);
+        // One snapshot for the whole pass: each drain's moves are added to it as in flight,
+        // so the next drain sees the room they take on their destinations.
+        let mut snap = self.snapshot(c, t);
         for h in order {
             tries += 1;
             if off >= dpm.max_off_per_tick || tries > 4 * dpm.max_off_per_tick {
@@ -203,7 +284,7 @@ impl Drs {
             if rest <= 0.0 || demand / rest > dpm.target {
                 break;
             }
-            let Ok(cluster) = tern_scheduler::Cluster::new(self.snapshot(c, t)) else {
+            let Ok(cluster) = tern_scheduler::Cluster::new(snap.clone()) else {
                 break;
             };
             let Ok(ev) = tern_scheduler::evacuate(&cluster, &host_id(h), &self.cfg) else {
@@ -212,6 +293,19 @@ impl Drs {
             if !ev.stuck.is_empty() {
                 continue;
             }
+            let id = host_id(h);
+            if let Some(sh) = snap.hosts.iter_mut().find(|x| x.id == id) {
+                sh.state = HostState::InMaintenance;
+            }
+            for m in &ev.moves {
+                snap.in_flight.push(InFlight {
+                    vm: m.vm.clone(),
+                    to: m.to.clone(),
+                });
+                if let Some(sv) = snap.vms.iter_mut().find(|x| x.id == m.vm) {
+                    sv.do_not_migrate = true;
+                }
+            }
             self.draining[h] = true;
             cap = rest;
             off += 1;
@@ -219,6 +313,18 @@ impl Drs {
         }
         moves
     }
+}
+
+fn parse_moves(moves: &[tern_scheduler::Move]) -> Vec<Move> {
+    moves
+        .iter()
+        .filter_map(|m| {
+            Some(Move {
+                vm: parse(&m.vm, 'v')?,
+                to: parse(&m.to, 'h')?,
+            })
+        })
+        .collect()
 }
 
 fn host_id(h: usize) -> String {
@@ -236,9 +342,13 @@ impl Policy for Drs {
         if self.dpm.is_some() { "drs+dpm" } else { "drs" }.into()
     }
 
+    fn history_len(&self) -> usize {
+        self.dpm.as_ref().map_or(0, |d| d.peak_window)
+    }
+
     fn initial_placement(&mut self, c: &Cluster) -> Vec<Option<usize>> {
-        // Same starting point as the baseline, so runs compare policies, not placements.
-        pabfd_initial(c)
+        // Same starting point as `none`, so runs compare policies, not placements.
+        packed_initial(c)
     }
 
     fn restart(&mut self, c: &Cluster, vms: &[usize]) -> Vec<Option<usize>> {
@@ -309,7 +419,11 @@ impl Policy for Drs {
         let plan = tern_scheduler::balance(&cluster, &self.cfg);
         tracing::debug!(t, ?plan, "drs balance");
         if let Ok(plan) = plan {
-            moves = self.sim_moves(&plan.moves, t);
+            let all = parse_moves(&plan.moves);
+            moves = self.without_contention(c, all);
+            for m in &moves {
+                self.last_moved[m.vm] = Some(t);
+            }
         }
         moves
     }

@@ -99,7 +99,7 @@ impl Policy for LrMmt {
             skip_dest[u] = true;
             excluded += 1;
             // A VM placed here by the overload step this round is evacuated again, as in
-            // CloudSim; its move is then redirected (CloudSim runs both migrations).
+            // CloudSim (which then runs both migrations; see below).
             let mut vms: Vec<usize> = plan.members[u]
                 .iter()
                 .copied()
@@ -115,7 +115,11 @@ impl Policy for LrMmt {
                     excluded += 1;
                 }
                 if planned[m.vm] {
-                    if let Some(prev) = moves.iter_mut().find(|p| p.vm == m.vm) {
+                    // CloudSim keeps both moves and runs both (see Engine::start); elsewhere
+                    // the first move is redirected.
+                    if c.fleet.cloudsim_engine {
+                        moves.push(*m);
+                    } else if let Some(prev) = moves.iter_mut().find(|p| p.vm == m.vm) {
                         prev.to = m.to;
                     }
                     continue;
@@ -142,13 +146,28 @@ fn has_settled_vm(plan: &Plan, h: usize) -> bool {
 }
 
 /// CloudSim's initial placement: VM by VM in list order, each asking for its full MIPS,
-/// power-aware best fit against a fleet that has not yet measured any load.
+/// power-aware best fit rating each host by the full MIPS of the VMs already placed on it
+/// (their allocation at creation). Since an empty host's power is its idle draw, the first
+/// VMs each get a host of their own.
 pub fn pabfd_initial(c: &Cluster) -> Vec<Option<usize>> {
+    best_fit_initial(c, true)
+}
+
+/// Tern's own starting placement for the `none`, `drs` and `drs+dpm` runs: VM by VM, each
+/// reserving its full MIPS, on the host whose power rises least from its measured (zero)
+/// load: this fills the most power-efficient hosts first, never beyond their MIPS.
+/// (CloudSim's rule above instead spreads one VM per host, which no operator would do.)
+pub fn packed_initial(c: &Cluster) -> Vec<Option<usize>> {
+    best_fit_initial(c, false)
+}
+
+fn best_fit_initial(c: &Cluster, rate_planned_load: bool) -> Vec<Option<usize>> {
     if c.fleet.spread_initial {
         return spread_initial(c);
     }
     let mut plan = Plan::new(c);
     plan.placed_ask_nothing = true;
+    plan.rate_planned_load = rate_planned_load;
     let none = vec![false; c.hosts.len()];
     (0..c.vms.len())
         .map(|v| {

@@ -1,6 +1,6 @@
 //! No management: the initial placement stays as it is.
 use crate::cluster::Cluster;
-use crate::policy::lrmmt::pabfd_initial;
+use crate::policy::lrmmt::packed_initial;
 use crate::policy::plan::Plan;
 use crate::policy::{Move, Policy};
 
@@ -11,7 +11,7 @@ impl Policy for NoMigration {
         "none".into()
     }
     fn initial_placement(&mut self, c: &Cluster) -> Vec<Option<usize>> {
-        pabfd_initial(c)
+        packed_initial(c)
     }
     fn restart(&mut self, c: &Cluster, vms: &[usize]) -> Vec<Option<usize>> {
         let mut plan = Plan::new(c);

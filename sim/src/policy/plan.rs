@@ -15,6 +15,10 @@ pub struct Plan<'c, 'f> {
     pub util_field: Vec<f64>,
     /// At initial placement, VMs already placed ask for nothing yet (as in CloudSim).
     pub placed_ask_nothing: bool,
+    /// Power-aware best fit rates a host by the MIPS allocated to its planned members
+    /// (CloudSim 4.0); when false, by the load measured at the last update, so that every
+    /// VM of one round goes to the same cheapest host until it is full (CloudSim 3.0).
+    pub rate_planned_load: bool,
     pub safety: f64,
     pub static_threshold: f64,
     pub window: usize,
@@ -42,6 +46,7 @@ impl<'c, 'f> Plan<'c, 'f> {
             bw_used: c.hosts.iter().map(|h| h.bw_used).collect(),
             util_field: (0..c.hosts.len()).map(|h| c.utilization(h)).collect(),
             placed_ask_nothing: false,
+            rate_planned_load: true,
             safety: 1.2,
             static_threshold: 0.7,
             window: 10,
@@ -249,10 +254,16 @@ impl<'c, 'f> Plan<'c, 'f> {
                 continue;
             }
             let spec = self.c.host_spec(h);
-            // As in CloudSim: the load measured at the last update (plus what is migrating in),
-            // not what this round has planned onto the host; capacity is checked in suitable().
-            let measured = self.c.hosts[h].util_mips;
-            let after = (measured + self.cpu(h).incoming_extra + req) / spec.total_mips();
+            // As CloudSim 4.0 (getUtilizationOfCpuMips): the MIPS allocated to the host's
+            // planned members, including VMs planned onto it this round, plus the other 90 % of
+            // what is migrating in. The power it is compared with is the measured one.
+            let cpu = self.cpu(h);
+            let planned = if self.rate_planned_load {
+                cpu.used
+            } else {
+                self.c.hosts[h].util_mips
+            } + cpu.incoming_extra;
+            let after = (planned + req) / spec.total_mips();
             if after > 1.0 + 1e-12 {
                 continue;
             }
@@ -260,7 +271,7 @@ impl<'c, 'f> Plan<'c, 'f> {
             if diff >= best {
                 continue;
             }
-            if measured != 0.0 && self.overloaded(h, Some(v)) {
+            if planned != 0.0 && self.overloaded(h, Some(v)) {
                 continue;
             }
             best = diff;
