@@ -99,11 +99,11 @@ impl RateLimiter {
 }
 
 /// A `Pages` payload under construction: count, then (pfn, page) entries. The buffer keeps
-/// its full size and `len` marks the payload, so pages are read straight into it (no zeroing
+/// its full size and `end` marks the payload, so pages are read straight into it (no zeroing
 /// before each read).
 pub struct PageBatch {
     buf: Vec<u8>,
-    len: usize,
+    end: usize,
     count: usize,
 }
 
@@ -113,7 +113,7 @@ impl Default for PageBatch {
     fn default() -> Self {
         PageBatch {
             buf: vec![0; 4 + MAX_PAGES_PER_FRAME * ENTRY],
-            len: 4,
+            end: 4,
             count: 0,
         }
     }
@@ -127,13 +127,13 @@ impl PageBatch {
         pfn: u64,
         fill: impl FnOnce(&mut [u8]) -> Result<(), E>,
     ) -> Result<bool, E> {
-        let entry = &mut self.buf[self.len..self.len + ENTRY];
+        let entry = &mut self.buf[self.end..self.end + ENTRY];
         entry[..8].copy_from_slice(&pfn.to_le_bytes());
         fill(&mut entry[8..])?;
         if is_zero(&entry[8..]) {
             return Ok(true);
         }
-        self.len += ENTRY;
+        self.end += ENTRY;
         self.count += 1;
         Ok(false)
     }
@@ -153,11 +153,11 @@ impl PageBatch {
     /// The finished payload; call `clear` before adding more.
     pub fn take_payload(&mut self) -> &[u8] {
         self.buf[0..4].copy_from_slice(&(self.count as u32).to_le_bytes());
-        &self.buf[..self.len]
+        &self.buf[..self.end]
     }
 
     pub fn clear(&mut self) {
-        self.len = 4;
+        self.end = 4;
         self.count = 0;
     }
 }
