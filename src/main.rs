@@ -34,6 +34,18 @@ enum Command {
     Host(cmd::cluster::HostArgs),
     /// Run the DRS scheduler on a cluster snapshot.
     Drs(cmd::drs::DrsArgs),
+    /// Start a 3-node cluster here and narrate DRS, migrations and maintenance mode.
+    Demo(cmd::demo::DemoArgs),
+    /// Live-migrate a cluster VM to another host (a migration task run by its source node).
+    Migrate(cmd::migrate::MigrateArgs),
+    /// List, show and cancel migration tasks.
+    Task(cmd::migrate::TaskArgs),
+    /// The audit trail of migration tasks.
+    Audit(cmd::migrate::AuditArgs),
+    /// Resource pools (reservation, limit, shares).
+    Pool(cmd::placement::PoolArgs),
+    /// Affinity and anti-affinity rules (VM-VM, VM-host; must or should).
+    Rule(cmd::placement::RuleArgs),
     /// Simulate a fleet under a balancing policy.
     Sim(cmd::sim::SimArgs),
 }
@@ -49,6 +61,12 @@ fn main() -> std::process::ExitCode {
         Command::Host(args) => cmd::cluster::run_host(args),
         Command::Drs(args) => cmd::drs::run(args),
         Command::Sim(args) => cmd::sim::run(args),
+        Command::Demo(args) => cmd::demo::run(args),
+        Command::Migrate(args) => cmd::migrate::run_migrate(args),
+        Command::Task(args) => cmd::migrate::run_task(args),
+        Command::Audit(args) => cmd::migrate::run_audit(args),
+        Command::Pool(args) => cmd::placement::run_pool(args),
+        Command::Rule(args) => cmd::placement::run_rule(args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -1,8 +1,13 @@
 //! End-to-end Raft tests: real `tern node` processes on loopback with sled data dirs.
+mod support;
+
+use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
+use support::proxy::ProxyNet;
+use support::store::{assert_committed_prefix_agrees, read_log};
 
 struct Node {
     id: u64,
@@ -10,6 +15,8 @@ struct Node {
     data: std::path::PathBuf,
     child: Option<Child>,
     extra: Vec<String>,
+    /// The address peers use (a proxy), when not the listen address.
+    advertise: Option<String>,
 }
 
 impl Node {
@@ -21,6 +28,9 @@ impl Node {
             Some(seed) => cmd.args(["--join", seed]),
             None => cmd.arg("--bootstrap"),
         };
+        if let Some(a) = &self.advertise {
+            cmd.args(["--advertise", a]);
+        }
         cmd.args(&self.extra)
             .stdout(Stdio::null())
             .stderr(Stdio::null());
@@ -62,7 +72,9 @@ fn net() -> (u8, u8) {
 
 fn client() -> reqwest::blocking::Client {
     reqwest::blocking::Client::builder()
-        .timeout(Duration::from_secs(5))
+        // Longer than a node's write timeout (5 s), so a write that cannot commit is answered
+        // by the node itself.
+        .timeout(Duration::from_secs(8))
         .build()
         .unwrap()
 }
@@ -108,15 +120,25 @@ fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) 
 
 impl Cluster {
     fn start(n: u64, extra: &[&str]) -> Cluster {
+        Self::start_with(n, extra, None)
+    }
+
+    /// With `proxies`, every node's peer traffic goes through its proxy in `proxies`.
+    fn start_with(n: u64, extra: &[&str], proxies: Option<&ProxyNet>) -> Cluster {
         let dir = tempfile::tempdir().unwrap();
         let (a, b) = net();
         let mut nodes: Vec<Node> = (1..=n)
-            .map(|id| Node {
-                id,
-                addr: format!("127.{a}.{b}.{id}:7400"),
-                data: dir.path().join(format!("n{id}")),
-                child: None,
-                extra: extra.iter().map(|s| s.to_string()).collect(),
+            .map(|id| {
+                let addr: SocketAddr = format!("127.{a}.{b}.{id}:7400").parse().unwrap();
+                let advertise = proxies.map(|p| p.add(id, addr).to_string());
+                Node {
+                    id,
+                    addr: addr.to_string(),
+                    data: dir.path().join(format!("n{id}")),
+                    child: None,
+                    extra: extra.iter().map(|s| s.to_string()).collect(),
+                    advertise,
+                }
             })
             .collect();
         nodes[0].start(None);
@@ -146,15 +168,18 @@ impl Cluster {
         });
     }
 
+    /// The live node in state leader with the highest term (a restarted old leader reports
+    /// itself leader of its old term until it hears from the current one).
     fn leader(&self) -> Option<u64> {
-        let mut leader = None;
+        let mut best: Option<(u64, u64)> = None;
         for n in self.nodes.iter().filter(|n| n.child.is_some()) {
             let s = status(&n.addr)?;
-            if s["state"] == json!("leader") {
-                leader = s["id"].as_u64();
+            let term = s["term"].as_u64()?;
+            if s["state"] == json!("leader") && best.is_none_or(|(t, _)| term > t) {
+                best = Some((term, n.id));
             }
         }
-        leader
+        best.map(|(_, id)| id)
     }
 
     fn node(&mut self, id: u64) -> &mut Node {
@@ -324,44 +349,180 @@ fn cluster_bad_api_bodies_get_clear_errors() {
     write(addr, schedule("still-alive")).unwrap();
 }
 
-fn signal(node: &Node, sig: &str) {
-    let pid = node.child.as_ref().expect("running").id().to_string();
-    let ok = Command::new("kill")
-        .args([sig, &pid])
-        .status()
-        .expect("kill")
-        .success();
-    assert!(ok, "kill {sig} {pid}");
+/// One gauge from the node's Prometheus endpoint.
+fn metric(addr: &str, name: &str) -> Option<f64> {
+    let text = client()
+        .get(format!("http://{addr}/metrics"))
+        .send()
+        .ok()?
+        .text()
+        .ok()?;
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
+fn applied(addr: &str) -> Option<u64> {
+    status(addr)?["last_applied"].as_u64()
+}
+
+/// Two more writes, applied everywhere: a node saves the committed index after flushing the
+/// entries it receives, so the second write's flush makes the first commit index durable on
+/// every node (the on-disk committed index is then at least the one before these writes).
+fn sync_commit_index_to_disk(c: &Cluster, leader_addr: &str) {
+    for i in 0..2 {
+        write(leader_addr, schedule(&format!("sync-{i}"))).unwrap();
+        let target = applied(leader_addr).unwrap();
+        wait_for("every node applied", Duration::from_secs(10), || {
+            c.nodes
+                .iter()
+                .all(|n| applied(&n.addr).is_some_and(|a| a >= target))
+                .then_some(())
+        });
+    }
+}
+
+/// Stop every node and read each one's log from its sled directory.
+fn stop_and_read_logs(c: &mut Cluster) -> Vec<(u64, support::store::DiskLog)> {
+    for id in 1..=c.nodes.len() as u64 {
+        c.node(id).kill();
+    }
+    c.nodes.iter().map(|n| (n.id, read_log(&n.data))).collect()
 }
 
 #[test]
 fn cluster_minority_cannot_commit_and_majority_keeps_committing() {
-    let mut c = Cluster::start(3, &[]);
+    let proxies = ProxyNet::new();
+    let mut c = Cluster::start_with(3, &[], Some(&proxies));
     let leader = wait_for("leader", Duration::from_secs(5), || c.leader());
-    // Freeze both followers (SIGSTOP): the leader is now a minority of one.
-    let followers: Vec<u64> = (1..=3).filter(|&id| id != leader).collect();
-    for &f in &followers {
-        signal(c.node(f), "-STOP");
+    for i in 0..5 {
+        write(
+            &c.node(leader).addr.clone(),
+            schedule(&format!("before-{i}")),
+        )
+        .unwrap();
     }
+    // Cut the leader off from both followers (the network, not the processes).
+    proxies.isolate(leader);
     let lone = c.node(leader).addr.clone();
+    let lone_applied = applied(&lone).expect("old leader answers");
+    let err = write(&lone, schedule("minority")).expect_err("a minority must not commit");
     assert!(
-        write(&lone, schedule("minority")).is_err(),
-        "a minority must not commit"
+        err.contains("not committed") || err.contains("no quorum"),
+        "unclear error: {err}"
     );
-    // Thaw the followers and freeze the old leader: the majority elects and commits.
-    for &f in &followers {
-        signal(c.node(f), "-CONT");
-    }
-    signal(c.node(leader), "-STOP");
+    assert_eq!(
+        applied(&lone),
+        Some(lone_applied),
+        "the cut-off node applied something"
+    );
+    // Its log holds the uncommitted entry: the commit-index metric stays at the committed
+    // index, behind the last log index.
+    let (commit, last_log) = wait_for(
+        "metrics of the cut-off node",
+        Duration::from_secs(5),
+        || {
+            let commit = metric(&lone, "tern_raft_commit_index")?;
+            let last_log = metric(&lone, "tern_raft_last_log_index")?;
+            (last_log > commit).then_some((commit, last_log))
+        },
+    );
+    assert_eq!(commit, lone_applied as f64, "last log {last_log}");
+    // The majority elects a leader among itself and keeps committing.
+    let followers: Vec<u64> = (1..=3).filter(|&id| id != leader).collect();
     let majority = c.node(followers[0]).addr.clone();
-    wait_for("majority commit", Duration::from_secs(5), || {
-        write(&majority, schedule("majority")).ok()
+    wait_for("majority commit", Duration::from_secs(10), || {
+        write(&majority, schedule("majority-0")).ok()
     });
-    signal(c.node(leader), "-CONT");
+    for i in 1..10 {
+        write(&majority, schedule(&format!("majority-{i}"))).unwrap();
+    }
+    let new_leader = wait_for("new leader", Duration::from_secs(5), || {
+        let s = status(&majority)?;
+        s["leader"].as_u64().filter(|&l| l != leader)
+    });
+    assert!(followers.contains(&new_leader));
+    assert_eq!(applied(&lone), Some(lone_applied));
+    // Heal: the old leader steps down and converges to the majority's log.
+    proxies.heal_all();
+    let leader_addr = c.node(new_leader).addr.clone();
+    wait_for("old leader converges", Duration::from_secs(10), || {
+        let s = status(&lone)?;
+        let l = status(&leader_addr)?;
+        (s["leader"] == json!(new_leader)
+            && s["state"] == json!("follower")
+            && s["last_log_index"] == l["last_log_index"]
+            && s["last_applied"] == l["last_applied"])
+            .then_some(())
+    });
     let have = c.schedules(&majority);
-    assert!(have.contains(&"majority".to_string()));
+    for i in 0..10 {
+        assert!(have.contains(&format!("majority-{i}")));
+    }
     assert!(
         !have.contains(&"minority".to_string()),
         "the minority write must never commit"
+    );
+    // On disk: every node holds the same committed log, and the minority entry is gone.
+    sync_commit_index_to_disk(&c, &leader_addr);
+    let logs = stop_and_read_logs(&mut c);
+    let upto = assert_committed_prefix_agrees(&logs);
+    assert!(
+        upto >= lone_applied + 10,
+        "committed prefix too short: {upto}"
+    );
+    for (id, log) in &logs {
+        assert!(
+            !log.entries.values().any(|e| e.contains("\"minority\"")),
+            "node {id} still holds the minority entry"
+        );
+        assert!(log.committed_contains("\"majority-9\""), "node {id}");
+    }
+}
+
+#[test]
+fn cluster_five_nodes_restarted_node_catches_up_from_its_own_data() {
+    let mut c = Cluster::start(5, &[]);
+    let leader = wait_for("leader", Duration::from_secs(5), || c.leader());
+    let leader_addr = c.node(leader).addr.clone();
+    for i in 0..10 {
+        write(&leader_addr, schedule(&format!("early-{i}"))).unwrap();
+    }
+    let victim = (1..=5).find(|&id| id != leader).unwrap();
+    let victim_addr = c.node(victim).addr.clone();
+    wait_for(
+        "victim applied the early writes",
+        Duration::from_secs(5),
+        || (applied(&victim_addr)? == applied(&leader_addr)?).then_some(()),
+    );
+    c.node(victim).kill();
+    // What the victim holds on disk when it comes back: the early writes.
+    let before = read_log(&c.node(victim).data);
+    assert!(before.entries.values().any(|e| e.contains("\"early-9\"")));
+    let held = *before.entries.keys().last().unwrap();
+    // Four of five keep committing while it is down.
+    for i in 0..30 {
+        write(&leader_addr, schedule(&format!("late-{i}"))).unwrap();
+    }
+    c.node(victim).start(None);
+    wait_for("restarted node catches up", Duration::from_secs(15), || {
+        let s = status(&victim_addr)?;
+        let l = status(&leader_addr)?;
+        (s["leader"] == json!(leader)
+            && s["last_applied"] == l["last_applied"]
+            && s["last_log_index"] == l["last_log_index"])
+            .then_some(())
+    });
+    // It caught up by log replication on top of its own data, not a snapshot.
+    assert_eq!(status(&victim_addr).unwrap()["snapshot_index"], Value::Null);
+    sync_commit_index_to_disk(&c, &leader_addr);
+    let logs = stop_and_read_logs(&mut c);
+    let upto = assert_committed_prefix_agrees(&logs);
+    assert!(upto > held + 30, "committed {upto}, held {held}");
+    let (_, victim_log) = logs.iter().find(|(id, _)| *id == victim).unwrap();
+    assert!(victim_log.committed_contains("\"late-29\""));
+    assert_eq!(
+        before.entries.get(&held),
+        victim_log.entries.get(&held),
+        "the entries it held before the restart were kept"
     );
 }

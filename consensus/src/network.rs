@@ -1,6 +1,7 @@
 //! The Raft network: each RPC is one HTTP POST of a JSON body to the target node's API
 //! (`/raft/append`, `/raft/vote`, `/raft/snapshot`), answered with a JSON
 //! `Result<response, RaftError>`. Connections are kept alive by the shared client.
+use std::net::IpAddr;
 use std::time::Duration;
 
 use openraft::error::{
@@ -27,8 +28,10 @@ pub struct HttpNetworkFactory {
 }
 
 impl HttpNetworkFactory {
-    pub fn new() -> Result<Self, reqwest::Error> {
+    /// `source_ip`: see `RaftOptions::source_ip`.
+    pub fn new(source_ip: Option<IpAddr>) -> Result<Self, reqwest::Error> {
         let client = reqwest::Client::builder()
+            .local_address(source_ip)
             .tcp_nodelay(true)
             .connect_timeout(Duration::from_millis(500))
             .pool_idle_timeout(Duration::from_secs(60))

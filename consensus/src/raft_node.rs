@@ -1,8 +1,10 @@
 //! Opening a Raft member: sled storage under the data directory, the HTTP network, and
 //! timeouts tuned for a LAN (loopback in tests).
 use std::collections::BTreeMap;
+use std::net::IpAddr;
 use std::path::Path;
 use std::sync::Arc;
+use std::time::Duration;
 
 use openraft::error::{CheckIsLeaderError, ClientWriteError, RaftError};
 use openraft::{BasicNode, Config, SnapshotPolicy};
@@ -28,6 +30,10 @@ pub enum ConsensusError {
     Write(#[from] RaftError<NodeId, ClientWriteError<NodeId, BasicNode>>),
     #[error("read: {0}")]
     Read(#[from] RaftError<NodeId, CheckIsLeaderError<NodeId, BasicNode>>),
+    /// The entry may still commit later (it is in this node's log): the caller must treat the
+    /// outcome as unknown, not as failed.
+    #[error("write not committed within {ms} ms (no quorum reachable?); its outcome is unknown")]
+    Timeout { ms: u64 },
 }
 
 /// Raft timing and log compaction knobs.
@@ -42,6 +48,11 @@ pub struct RaftOptions {
     pub keep_after_snapshot: u64,
     /// Flush sled before acknowledging log appends (turn off only to measure its cost).
     pub durable: bool,
+    /// How long `write` waits for its entry to commit before answering `Timeout`.
+    pub write_timeout_ms: u64,
+    /// Outgoing peer connections leave from this address (the node's listen IP), so peers and
+    /// test proxies can tell which node is calling. `None`: the kernel picks.
+    pub source_ip: Option<IpAddr>,
 }
 
 impl Default for RaftOptions {
@@ -53,6 +64,8 @@ impl Default for RaftOptions {
             snapshot_every: 5000,
             keep_after_snapshot: 1000,
             durable: true,
+            write_timeout_ms: 5000,
+            source_ip: None,
         }
     }
 }
@@ -64,6 +77,10 @@ pub struct ConsensusNode {
     pub addr: String,
     pub raft: Raft,
     pub machine: StateMachineStore,
+    /// See `RaftOptions::source_ip`; the node's other peer clients should use it too.
+    pub source_ip: Option<IpAddr>,
+    log: LogStore,
+    write_timeout: Duration,
 }
 
 impl ConsensusNode {
@@ -90,8 +107,8 @@ impl ConsensusNode {
         let raft = Raft::new(
             id,
             Arc::new(config),
-            HttpNetworkFactory::new()?,
-            log,
+            HttpNetworkFactory::new(opts.source_ip)?,
+            log.clone(),
             machine.clone(),
         )
         .await?;
@@ -100,6 +117,9 @@ impl ConsensusNode {
             addr,
             raft,
             machine,
+            source_ip: opts.source_ip,
+            log,
+            write_timeout: Duration::from_millis(opts.write_timeout_ms),
         })
     }
 
@@ -126,8 +146,20 @@ impl ConsensusNode {
     }
 
     /// Propose a command on this node (which must be the leader) and wait for it to apply.
+    /// Gives up after `RaftOptions::write_timeout_ms` with `Timeout` (outcome unknown).
     pub async fn write(&self, req: Request) -> Result<Response, ConsensusError> {
-        Ok(self.raft.client_write(req).await?.data)
+        match tokio::time::timeout(self.write_timeout, self.raft.client_write(req)).await {
+            Ok(result) => Ok(result?.data),
+            Err(_) => Err(ConsensusError::Timeout {
+                ms: self.write_timeout.as_millis() as u64,
+            }),
+        }
+    }
+
+    /// The highest log index this node knows to be committed (openraft 0.9's metrics only
+    /// report the applied index, which trails it).
+    pub fn committed_index(&self) -> Option<u64> {
+        self.log.committed_index()
     }
 
     /// A linearizable read: confirms leadership with a quorum and waits until this node has

@@ -49,7 +49,8 @@ fn command() -> impl Strategy<Value = Command> {
             vm,
             to,
             priority: 1,
-            reason: "t".into()
+            reason: "t".into(),
+            token: String::new(),
         }),
         vm.prop_map(|vm| Command::DeleteVm { vm }),
         Just(Command::Noop),

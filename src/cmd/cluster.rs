@@ -15,7 +15,7 @@ pub struct ServerArg {
         env = "TERN_SERVER",
         default_value = "127.0.0.1:7400"
     )]
-    server: String,
+    pub server: String,
 }
 
 #[derive(Args)]
@@ -52,6 +52,15 @@ enum HostCommand {
     },
     /// Remove a host from the cluster state and from Raft (refused while it owns VMs).
     Remove { id: u64 },
+    /// Enter (evacuating its VMs) or exit maintenance mode.
+    Maintenance {
+        #[arg(value_enum)]
+        action: super::drs_cluster::MaintenanceAction,
+        id: u64,
+        /// Wait until the host is empty and in maintenance.
+        #[arg(long)]
+        wait: bool,
+    },
 }
 
 #[derive(Deserialize)]
@@ -72,13 +81,15 @@ struct Status {
     members: Vec<Member>,
 }
 
-fn client() -> anyhow::Result<reqwest::blocking::Client> {
+pub fn client() -> anyhow::Result<reqwest::blocking::Client> {
     Ok(reqwest::blocking::Client::builder()
         .timeout(std::time::Duration::from_secs(15))
         .build()?)
 }
 
-fn decode<T: DeserializeOwned>(resp: reqwest::blocking::Response) -> anyhow::Result<(T, String)> {
+pub fn decode<T: DeserializeOwned>(
+    resp: reqwest::blocking::Response,
+) -> anyhow::Result<(T, String)> {
     let status = resp.status();
     let text = resp.text().context("reading reply")?;
     if !status.is_success() {
@@ -92,12 +103,26 @@ fn decode<T: DeserializeOwned>(resp: reqwest::blocking::Response) -> anyhow::Res
     Ok((value, text))
 }
 
-fn get<T: DeserializeOwned>(server: &str, path: &str) -> anyhow::Result<(T, String)> {
+pub fn get<T: DeserializeOwned>(server: &str, path: &str) -> anyhow::Result<(T, String)> {
     let resp = client()?
         .get(format!("http://{server}{path}"))
         .send()
         .with_context(|| format!("contacting {server}"))?;
     decode(resp)
+}
+
+/// POST a JSON body and decode the JSON answer.
+pub fn post<B: serde::Serialize, T: DeserializeOwned>(
+    server: &str,
+    path: &str,
+    body: &B,
+) -> anyhow::Result<T> {
+    let resp = client()?
+        .post(format!("http://{server}{path}"))
+        .json(body)
+        .send()
+        .with_context(|| format!("contacting {server}"))?;
+    Ok(decode(resp)?.0)
 }
 
 pub fn run_cluster(args: ClusterArgs) -> anyhow::Result<()> {
@@ -153,6 +178,9 @@ pub fn run_host(args: HostArgs) -> anyhow::Result<()> {
                 );
             }
             Ok(())
+        }
+        HostCommand::Maintenance { action, id, wait } => {
+            super::drs_cluster::run_maintenance(server, action, id, wait)
         }
         HostCommand::Remove { id } => {
             let resp = client()?

@@ -13,6 +13,8 @@ pub struct DrsArgs {
 
 #[derive(Subcommand)]
 enum DrsCommand {
+    #[command(flatten)]
+    Cluster(super::drs_cluster::ClusterDrsCommand),
     /// Plan one balancing pass: mandatory moves, preferences, then load balancing.
     Plan {
         snapshot: PathBuf,
@@ -57,6 +59,7 @@ enum DrsCommand {
 
 pub fn run(args: DrsArgs) -> anyhow::Result<()> {
     match args.command {
+        DrsCommand::Cluster(c) => return super::drs_cluster::run_drs(c),
         DrsCommand::Plan {
             snapshot,
             threshold,

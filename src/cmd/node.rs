@@ -14,6 +14,10 @@ pub struct NodeArgs {
     /// Address for the HTTP API and Raft traffic, e.g. 127.0.0.1:7400.
     #[arg(long)]
     listen: String,
+    /// Address the other members use to reach this node (default: the bound listen address),
+    /// e.g. a proxy in front of it. Outgoing peer connections leave from the listen IP.
+    #[arg(long)]
+    advertise: Option<String>,
     /// Data directory (Raft log and state machine live here).
     #[arg(long)]
     data: PathBuf,
@@ -23,6 +27,15 @@ pub struct NodeArgs {
     /// Join the cluster through any member's address (ignored when restarting a member).
     #[arg(long)]
     join: Option<String>,
+    /// Shared datastore directory for VM configs and disks (the same path on every node).
+    #[arg(long)]
+    datastore: Option<PathBuf>,
+    /// How often this node samples its VMs' load and reports it to the leader (milliseconds).
+    #[arg(long, default_value_t = 2000)]
+    load_interval_ms: u64,
+    /// Bandwidth cap per outbound live migration in MiB/s (0 = unlimited).
+    #[arg(long, default_value_t = 0)]
+    migrate_bandwidth_mib: u64,
     /// Raft heartbeat interval in milliseconds.
     #[arg(long, default_value_t = 100)]
     heartbeat_ms: u64,
@@ -38,6 +51,9 @@ pub struct NodeArgs {
     /// Do not flush the log to disk before acknowledging (unsafe; only to measure its cost).
     #[arg(long)]
     no_fsync: bool,
+    /// A write not committed within this many milliseconds answers 503 (outcome unknown).
+    #[arg(long, default_value_t = 5000)]
+    write_timeout_ms: u64,
 }
 
 pub fn run(args: NodeArgs) -> anyhow::Result<()> {
@@ -47,6 +63,10 @@ pub fn run(args: NodeArgs) -> anyhow::Result<()> {
         data: args.data,
         bootstrap: args.bootstrap,
         join: args.join,
+        advertise: args.advertise,
+        datastore: args.datastore,
+        migrate_bandwidth_mib: args.migrate_bandwidth_mib,
+        load_interval: std::time::Duration::from_millis(args.load_interval_ms.max(100)),
         raft: RaftOptions {
             heartbeat_ms: args.heartbeat_ms,
             election_min_ms: args.election_ms,
@@ -54,6 +74,9 @@ pub fn run(args: NodeArgs) -> anyhow::Result<()> {
             snapshot_every: args.snapshot_every,
             keep_after_snapshot: args.keep_after_snapshot,
             durable: !args.no_fsync,
+            write_timeout_ms: args.write_timeout_ms,
+            // Set from the bound listen address by `serve`.
+            source_ip: None,
         },
     };
     tokio::runtime::Builder::new_multi_thread()

@@ -23,6 +23,8 @@ pub enum VmCommand {
     Run(RunArgs),
     /// Wait for one incoming live migration, then run the guest and print its progress.
     Receive(super::vm_migrate::ReceiveArgs),
+    #[command(flatten)]
+    Cluster(super::vms::ClusterVmCommand),
 }
 
 #[derive(Args, Clone, Debug)]
@@ -56,6 +58,7 @@ pub fn run(args: VmArgs) -> anyhow::Result<()> {
     match args.command {
         VmCommand::Run(a) => run_vm(&a),
         VmCommand::Receive(a) => super::vm_migrate::run_receive(&a),
+        VmCommand::Cluster(c) => super::vms::run(c),
     }
 }
 

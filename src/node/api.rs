@@ -134,6 +134,7 @@ fn now_ms() -> u64 {
 impl ApiState {
     pub fn new(node: ConsensusNode, prometheus: PrometheusHandle) -> anyhow::Result<Self> {
         let client = reqwest::Client::builder()
+            .local_address(node.source_ip)
             .tcp_nodelay(true)
             .timeout(Duration::from_secs(10))
             .build()?;
@@ -163,7 +164,7 @@ impl ApiState {
         decode_reply(reply).await
     }
 
-    async fn get_json<R: serde::de::DeserializeOwned>(
+    pub async fn get_json<R: serde::de::DeserializeOwned>(
         &self,
         addr: &str,
         path: &str,
@@ -263,7 +264,7 @@ impl ApiState {
         }
     }
 
-    fn leader_addr(&self) -> Option<(u64, String)> {
+    pub fn leader_addr(&self) -> Option<(u64, String)> {
         let m = self.node.raft.metrics().borrow().clone();
         let leader = m.current_leader?;
         let addr = m
@@ -368,7 +369,12 @@ async fn read_state(
     headers: HeaderMap,
 ) -> Result<Json<ClusterState>, ApiError> {
     let state = s.read(is_forwarded(&headers)).await?;
-    Ok(Json((*state).clone()))
+    let mut state = (*state).clone();
+    // Migration tokens authenticate streams; they never leave the nodes.
+    for t in state.tasks.values_mut() {
+        t.token.clear();
+    }
+    Ok(Json(state))
 }
 
 async fn list_hosts(

@@ -6,6 +6,7 @@ use tern_consensus::ConsensusNode;
 pub fn install(node: &ConsensusNode) -> anyhow::Result<PrometheusHandle> {
     let handle = PrometheusBuilder::new().install_recorder()?;
     let mut rx = node.raft.metrics();
+    let node = node.clone();
     tokio::spawn(async move {
         loop {
             {
@@ -20,7 +21,7 @@ pub fn install(node: &ConsensusNode) -> anyhow::Result<PrometheusHandle> {
                 metrics::gauge!("tern_raft_last_applied")
                     .set(m.last_applied.map_or(0, |l| l.index) as f64);
                 metrics::gauge!("tern_raft_commit_index")
-                    .set(m.last_applied.map_or(0, |l| l.index) as f64);
+                    .set(node.committed_index().unwrap_or(0) as f64);
                 metrics::gauge!("tern_raft_snapshot_index")
                     .set(m.snapshot.map_or(0, |l| l.index) as f64);
             }

@@ -1,7 +1,17 @@
 //! The `tern node` daemon: a Raft member plus its HTTP API.
 pub mod api;
+pub mod controller;
+pub mod cron;
+pub mod datastore;
+pub mod host;
 mod host_info;
+pub mod inbound;
+pub mod load;
 mod metrics;
+pub mod outbound;
+pub mod queue_view;
+pub mod sched_view;
+pub mod vm_api;
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -16,7 +26,15 @@ pub struct NodeConfig {
     pub data: PathBuf,
     pub bootstrap: bool,
     pub join: Option<String>,
+    /// Address peers use for this node (default: the bound address).
+    pub advertise: Option<String>,
     pub raft: RaftOptions,
+    /// Shared directory holding VM configs and disks (same path on every node).
+    pub datastore: Option<PathBuf>,
+    /// How often VM load is sampled and reported to the leader.
+    pub load_interval: Duration,
+    /// Bandwidth cap per outbound migration, MiB/s (0 = none).
+    pub migrate_bandwidth_mib: u64,
 }
 
 pub async fn serve(cfg: NodeConfig) -> anyhow::Result<()> {
@@ -25,16 +43,29 @@ pub async fn serve(cfg: NodeConfig) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(&cfg.listen)
         .await
         .with_context(|| format!("binding {}", cfg.listen))?;
-    let addr = listener.local_addr()?.to_string();
-    let node = ConsensusNode::open(cfg.id, addr.clone(), &cfg.data, &cfg.raft)
+    let bound = listener.local_addr()?;
+    let addr = cfg.advertise.clone().unwrap_or_else(|| bound.to_string());
+    let mut raft_opts = cfg.raft.clone();
+    raft_opts.source_ip = (!bound.ip().is_unspecified()).then_some(bound.ip());
+    let node = ConsensusNode::open(cfg.id, addr.clone(), &cfg.data, &raft_opts)
         .await
         .context("opening raft")?;
     let prometheus = metrics::install(&node)?;
     let state = api::ApiState::new(node.clone(), prometheus)?;
-    let router = api::router(state.clone());
+    let datastore = match &cfg.datastore {
+        Some(d) => Some(datastore::Datastore::open(d)?),
+        None => None,
+    };
+    let ip = listener.local_addr()?.ip().to_string();
+    let ctx = host::HostCtx::new(cfg.id, state.clone(), node.clone(), datastore, ip);
+    ctx.migrate_bandwidth.store(
+        cfg.migrate_bandwidth_mib.saturating_mul(1 << 20),
+        std::sync::atomic::Ordering::Relaxed,
+    );
+    let router = api::router(state.clone()).merge(vm_api::router(ctx.clone()));
     let server = tokio::spawn(async move { axum::serve(listener, router).await });
     tracing::info!(id = cfg.id, %addr, "node listening");
-    println!("tern node {} listening on {addr}", cfg.id);
+    println!("tern node {} listening on {bound}", cfg.id);
 
     let initialized = node.raft.is_initialized().await?;
     if cfg.bootstrap {
@@ -46,6 +77,10 @@ pub async fn serve(cfg: NodeConfig) -> anyhow::Result<()> {
         tokio::spawn(join_loop(state.clone(), seed, cfg.id, addr.clone()));
     }
     tokio::spawn(register_loop(state, cfg.id, addr));
+    tokio::spawn(host::reconcile_loop(ctx.clone()));
+    tokio::spawn(outbound::executor_loop(ctx.clone()));
+    tokio::spawn(controller::controller_loop(ctx.clone()));
+    tokio::spawn(load::report_loop(ctx.clone(), cfg.load_interval));
 
     tokio::select! {
         res = server => { res??; }

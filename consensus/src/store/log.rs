@@ -2,6 +2,8 @@
 //! plus vote, committed id and last purged id in a `raft_meta` tree.
 use std::fmt::Debug;
 use std::ops::RangeBounds;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 use openraft::storage::{LogFlushed, LogState, RaftLogStorage};
 use openraft::{Entry, RaftLogReader, Vote};
@@ -20,16 +22,29 @@ pub struct LogStore {
     meta: sled::Tree,
     /// Flush to disk before acknowledging appends and votes (Raft's durability requirement).
     durable: bool,
+    /// The last committed index openraft told us about, plus one (0: none), for metrics.
+    committed: Arc<AtomicU64>,
 }
 
 impl LogStore {
     pub fn open(db: &sled::Db, durable: bool) -> Result<Self, sled::Error> {
-        Ok(LogStore {
+        let store = LogStore {
             db: db.clone(),
             log: db.open_tree("raft_log")?,
             meta: db.open_tree("raft_meta")?,
             durable,
-        })
+            committed: Arc::new(AtomicU64::new(0)),
+        };
+        // An unreadable value is reported by `read_committed` when openraft starts.
+        if let Ok(Some(Some(id))) = store.get_meta::<Option<LogId>>(COMMITTED) {
+            store.committed.store(id.index + 1, Ordering::Relaxed);
+        }
+        Ok(store)
+    }
+
+    /// The highest committed index this node knows of.
+    pub fn committed_index(&self) -> Option<u64> {
+        self.committed.load(Ordering::Relaxed).checked_sub(1)
     }
 
     fn get_meta<T: serde::de::DeserializeOwned>(
@@ -118,7 +133,10 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), StorageError> {
-        self.put_meta(COMMITTED, &committed)
+        self.put_meta(COMMITTED, &committed)?;
+        let next = committed.map_or(0, |id| id.index + 1);
+        self.committed.fetch_max(next, Ordering::Relaxed);
+        Ok(())
     }
 
     async fn read_committed(&mut self) -> Result<Option<LogId>, StorageError> {

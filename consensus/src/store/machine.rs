@@ -51,12 +51,14 @@ pub struct StateMachineStore {
 impl StateMachineStore {
     pub fn open(db: &sled::Db) -> Result<Self, StorageError> {
         let tree = db.open_tree("state_machine").map_err(read_err)?;
+        // Only snapshots are persisted: applying does not write the state (serializing the
+        // whole state on every apply cost O(state) per write). On start openraft re-applies
+        // the committed log after the snapshot, which is never purged before a snapshot
+        // covers it. `DATA` is still read for data directories written by older versions.
         let mut data: MachineData = match tree.get(DATA).map_err(read_err)? {
             Some(bytes) => serde_json::from_slice(&bytes).map_err(read_err)?,
             None => MachineData::default(),
         };
-        // The persisted state may lag the snapshot (it is not flushed on every apply, while
-        // the snapshot is and the log behind it may be purged): start from the newer one.
         if let Some(bytes) = tree.get(SNAPSHOT_DATA).map_err(read_err)? {
             let snap: MachineData = serde_json::from_slice(&bytes).map_err(read_err)?;
             if snap.last_applied > data.last_applied {
@@ -92,12 +94,6 @@ impl StateMachineStore {
         self.events.subscribe()
     }
 
-    fn persist(&self, data: &MachineData) -> Result<(), StorageError> {
-        let bytes = serde_json::to_vec(data).map_err(write_err)?;
-        self.tree.insert(DATA, bytes).map_err(write_err)?;
-        Ok(())
-    }
-
     fn publish(&self, data: &MachineData) {
         self.view.send_replace(StateView {
             last_applied: data.last_applied,
@@ -109,7 +105,15 @@ impl StateMachineStore {
 impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
     async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError> {
         let data = self.data.lock().await.clone();
-        let bytes = serde_json::to_vec(&data).map_err(write_err)?;
+        // Serializing the whole state takes milliseconds: off the async workers, so Raft
+        // traffic and client writes on this node are not stalled behind it.
+        let (data, bytes) = tokio::task::spawn_blocking(move || {
+            let bytes = serde_json::to_vec(&data);
+            (data, bytes)
+        })
+        .await
+        .map_err(write_err)?;
+        let bytes = bytes.map_err(write_err)?;
         let snapshot_id = match data.last_applied {
             Some(id) => format!(
                 "{}-{}-{}",
@@ -180,7 +184,6 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
                 }
             }
         }
-        self.persist(&data)?;
         self.publish(&data);
         for event in events {
             // No receivers is fine: nobody is listening yet.
@@ -210,7 +213,8 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             .insert(SNAPSHOT_META, serde_json::to_vec(meta).map_err(write_err)?)
             .map_err(write_err)?;
         self.tree.insert(SNAPSHOT_DATA, bytes).map_err(write_err)?;
-        self.persist(&incoming)?;
+        // An older `DATA` must not win over the installed snapshot on the next start.
+        self.tree.remove(DATA).map_err(write_err)?;
         self.db.flush_async().await.map_err(write_err)?;
         let mut data = self.data.lock().await;
         *data = incoming;

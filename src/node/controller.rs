@@ -1,0 +1,299 @@
+//! Leader-only control loops: maintenance evacuation and DRS. Every node runs the loop; only
+//! the current leader acts, and everything it decides goes through the Raft log, so a new
+//! leader picks up where the old one stopped.
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tern_consensus::state::{AutomationLevel, Command, HostState, TaskState};
+use tern_consensus::ClusterState;
+use tern_scheduler::{balance, evacuate, Config, Move};
+
+use super::cron::When;
+use super::host::HostCtx;
+use super::sched_view::{self, host_key, parse_host, Loads, VmLoad};
+use super::vm_api::{queue_migration, MigrationBody, PRIORITY_HIGH, PRIORITY_LOW, PRIORITY_NORMAL};
+
+/// Samples of each VM kept on the leader (the scheduler sees their average).
+const WINDOW: usize = 5;
+
+/// What the leader knows beyond the committed state: recent load, the last DRS pass.
+#[derive(Default)]
+pub struct Controller {
+    samples: Mutex<HashMap<String, VecDeque<VmLoad>>>,
+    pub last_plan: Mutex<Option<DrsReport>>,
+    last_drs: Mutex<Option<Instant>>,
+}
+
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub struct DrsReport {
+    pub at_ms: u64,
+    pub imbalance: f64,
+    pub target: Option<f64>,
+    pub recommendations: Vec<Move>,
+    /// Per host: (cpu load, memory load), normalized.
+    pub host_load: Vec<(u64, f64, f64)>,
+}
+
+impl Controller {
+    pub fn record(&self, vms: HashMap<String, VmLoad>) {
+        let mut s = self.samples.lock().unwrap_or_else(|p| p.into_inner());
+        for (name, load) in vms {
+            let q = s.entry(name).or_default();
+            q.push_back(load);
+            while q.len() > WINDOW {
+                q.pop_front();
+            }
+        }
+    }
+
+    /// Window averages, for VMs that still exist.
+    pub fn loads(&self, state: &ClusterState) -> Loads {
+        let mut s = self.samples.lock().unwrap_or_else(|p| p.into_inner());
+        s.retain(|name, _| state.vms.contains_key(name));
+        s.iter()
+            .map(|(name, q)| {
+                let n = q.len().max(1) as f64;
+                let avg = VmLoad {
+                    cpu_percent: q.iter().map(|l| l.cpu_percent).sum::<f64>() / n,
+                    active_mib: (q.iter().map(|l| l.active_mib as f64).sum::<f64>() / n) as u64,
+                    dirty_mib_s: q.iter().map(|l| l.dirty_mib_s).sum::<f64>() / n,
+                };
+                (name.clone(), avg)
+            })
+            .collect()
+    }
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+pub async fn controller_loop(ctx: Arc<HostCtx>) {
+    let mut rx = ctx.node.machine.subscribe();
+    loop {
+        let state = rx.borrow_and_update().state.clone();
+        if ctx.node.raft.current_leader().await == Some(ctx.id) {
+            maintenance(&ctx, &state).await;
+            schedules(&ctx, &state).await;
+            drs(&ctx, &state, false).await;
+        }
+        tokio::select! {
+            r = rx.changed() => if r.is_err() { return },
+            _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+        }
+    }
+}
+
+fn priority_of(m: &Move) -> u8 {
+    match m.priority {
+        1 => PRIORITY_HIGH,
+        2 | 3 => PRIORITY_NORMAL,
+        _ => PRIORITY_LOW,
+    }
+}
+
+pub async fn queue_moves(ctx: &HostCtx, moves: &[Move], reason: &str, actor: &str) -> usize {
+    let mut queued = 0;
+    for m in moves {
+        let (Some(to), true) = (parse_host(&m.to), true) else {
+            continue;
+        };
+        let body = MigrationBody {
+            vm: m.vm.clone(),
+            to,
+            priority: if reason == "maintenance" {
+                PRIORITY_NORMAL
+            } else {
+                priority_of(m)
+            },
+            reason: Some(reason.to_string()),
+            actor: Some(actor.to_string()),
+        };
+        match queue_migration(ctx, body).await {
+            Ok(_) => queued += 1,
+            Err(e) => tracing::debug!(vm = %m.vm, "not queued: {e}"),
+        }
+    }
+    queued
+}
+
+/// Hosts entering maintenance: queue evacuation moves for VMs without a task; mark the host
+/// in maintenance once it owns nothing.
+async fn maintenance(ctx: &HostCtx, state: &ClusterState) {
+    for host in state.hosts.values() {
+        if host.state != HostState::EnteringMaintenance {
+            continue;
+        }
+        let owned = state.vms.values().filter(|v| v.owner == host.id).count();
+        if owned == 0 {
+            let cmd = Command::SetHostState {
+                id: host.id,
+                state: HostState::InMaintenance,
+            };
+            if let Err(e) = ctx
+                .api
+                .propose("maintenance".into(), None, cmd, false)
+                .await
+            {
+                tracing::debug!("marking host {} in maintenance: {e}", host.id);
+            }
+            continue;
+        }
+        let busy = |vm: &str| {
+            state
+                .tasks
+                .values()
+                .any(|t| t.vm == vm && !t.state.is_final())
+        };
+        let idle: Vec<&String> = state
+            .vms
+            .iter()
+            .filter(|(n, v)| v.owner == host.id && !busy(n))
+            .map(|(n, _)| n)
+            .collect();
+        if idle.is_empty() {
+            continue;
+        }
+        let loads = ctx.controller.loads(state);
+        let plan = sched_view::cluster(state, &loads, now_ms() as f64 / 1000.0).and_then(|c| {
+            evacuate(&c, &host_key(host.id), &Config::default()).map_err(|e| anyhow::anyhow!("{e}"))
+        });
+        match plan {
+            Ok(ev) => {
+                let moves: Vec<Move> = ev
+                    .moves
+                    .into_iter()
+                    .filter(|m| idle.contains(&&m.vm))
+                    .collect();
+                let n = queue_moves(ctx, &moves, "maintenance", "maintenance").await;
+                if n > 0 {
+                    tracing::info!(host = host.id, n, "evacuation tasks queued");
+                }
+                for s in ev.stuck {
+                    tracing::warn!(host = host.id, vm = %s.vm, "cannot evacuate: {}", s.reason);
+                }
+            }
+            Err(e) => tracing::warn!(host = host.id, "evacuation plan: {e:#}"),
+        }
+    }
+}
+
+/// One DRS pass when the interval has passed (or `force`): remember the recommendations, and
+/// in fully automated mode queue them as tasks (reason `drs`).
+pub async fn drs(ctx: &HostCtx, state: &ClusterState, force: bool) -> Option<DrsReport> {
+    let settings = state.drs.clone();
+    {
+        let mut last = ctx
+            .controller
+            .last_drs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let due =
+            last.is_none_or(|t| t.elapsed() >= Duration::from_secs(settings.interval_s.into()));
+        if !due && !force {
+            return None;
+        }
+        *last = Some(Instant::now());
+    }
+    let loads = ctx.controller.loads(state);
+    let cluster = match sched_view::cluster(state, &loads, now_ms() as f64 / 1000.0) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::warn!("drs snapshot: {e:#}");
+            return None;
+        }
+    };
+    let mut cfg = Config::with_threshold(settings.migration_threshold);
+    cfg.interval_s = f64::from(settings.interval_s);
+    cfg.cooldown_s = cfg.cooldown_s.min(f64::from(settings.interval_s) * 3.0);
+    let plan = match balance(&cluster, &cfg) {
+        Ok(p) => p,
+        Err(e) => {
+            tracing::warn!("drs pass: {e}");
+            return None;
+        }
+    };
+    // Maintenance moves are the maintenance loop's job.
+    let busy = |vm: &str| {
+        state
+            .tasks
+            .values()
+            .any(|t| t.vm == vm && t.state != TaskState::Succeeded && !t.state.is_final())
+    };
+    let recommendations: Vec<Move> = plan
+        .moves
+        .into_iter()
+        .filter(|m| m.kind != tern_scheduler::MoveKind::Maintenance && !busy(&m.vm))
+        .collect();
+    let host_load = state
+        .hosts
+        .keys()
+        .filter_map(|h| {
+            let (c, m) = cluster.host_load(&host_key(*h))?;
+            Some((*h, c, m))
+        })
+        .collect();
+    let report = DrsReport {
+        at_ms: now_ms(),
+        imbalance: plan.imbalance_before,
+        target: plan.target_imbalance,
+        recommendations,
+        host_load,
+    };
+    metrics::gauge!("tern_drs_imbalance").set(report.imbalance);
+    for (h, c, m) in &report.host_load {
+        metrics::gauge!("tern_host_cpu_load", "host" => h.to_string()).set(*c);
+        metrics::gauge!("tern_host_memory_load", "host" => h.to_string()).set(*m);
+    }
+    if settings.automation == AutomationLevel::FullyAutomated && !report.recommendations.is_empty()
+    {
+        let n = queue_moves(ctx, &report.recommendations, "drs", "drs").await;
+        tracing::info!(n, imbalance = report.imbalance, "drs queued migrations");
+    }
+    *ctx.controller
+        .last_plan
+        .lock()
+        .unwrap_or_else(|p| p.into_inner()) = Some(report.clone());
+    Some(report)
+}
+
+/// Fire due schedules: commit the firing first (at most once per slot, whoever leads), then
+/// queue the migration it describes.
+async fn schedules(ctx: &HostCtx, state: &ClusterState) {
+    let now = now_ms();
+    for s in state.schedules.values().filter(|s| s.enabled) {
+        let Ok(when) = s.cron.parse::<When>() else {
+            continue;
+        };
+        let Ok(body) = serde_json::from_str::<MigrationBody>(&s.action) else {
+            continue;
+        };
+        let slot = match when {
+            When::At(t) if now >= t => t,
+            When::Cron(c) if c.matches(now / 60_000 * 60_000) => now / 60_000 * 60_000,
+            _ => continue,
+        };
+        if s.last_fired_ms.is_some_and(|l| l >= slot) {
+            continue;
+        }
+        let fire = Command::FireSchedule {
+            name: s.name.clone(),
+            slot_ms: slot,
+        };
+        if ctx
+            .api
+            .propose("scheduler".into(), None, fire, false)
+            .await
+            .is_err()
+        {
+            continue;
+        }
+        match queue_migration(ctx, body).await {
+            Ok(id) => tracing::info!(schedule = %s.name, task = id, "schedule fired"),
+            Err(e) => tracing::warn!(schedule = %s.name, "scheduled migration not queued: {e}"),
+        }
+    }
+}

@@ -1,0 +1,321 @@
+//! Shared harness for the cluster tests: real `tern node` processes on a private loopback
+//! /24, a shared datastore directory, and the `tern` CLI.
+#![allow(dead_code)]
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+pub fn have_kvm() -> bool {
+    if std::path::Path::new("/dev/kvm").exists() {
+        true
+    } else {
+        println!("SKIP: no /dev/kvm");
+        false
+    }
+}
+
+pub struct Node {
+    pub id: u64,
+    pub addr: String,
+    pub data: std::path::PathBuf,
+    pub child: Option<Child>,
+}
+
+impl Node {
+    /// kill -9: no shutdown path runs.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+pub struct Cluster {
+    pub nodes: Vec<Node>,
+    pub datastore: std::path::PathBuf,
+    pub extra: Vec<String>,
+    pub dir: tempfile::TempDir,
+}
+
+/// A random 127.a.b.0/24 network per test so concurrent runs never share ports.
+fn net() -> (u8, u8) {
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos();
+    let p = std::process::id();
+    (
+        ((p ^ t) % 250 + 2) as u8,
+        ((t / 7 + p * 13) % 250 + 2) as u8,
+    )
+}
+
+pub fn client() -> reqwest::blocking::Client {
+    reqwest::blocking::Client::builder()
+        .timeout(Duration::from_secs(5))
+        .build()
+        .unwrap()
+}
+
+pub fn get(addr: &str, path: &str) -> Option<Value> {
+    let resp = client().get(format!("http://{addr}{path}")).send().ok()?;
+    if !resp.status().is_success() {
+        return None;
+    }
+    resp.json().ok()
+}
+
+/// POST, returning (status, body).
+pub fn post(addr: &str, path: &str, body: &Value) -> (u16, Value) {
+    let resp = client()
+        .post(format!("http://{addr}{path}"))
+        .json(body)
+        .send()
+        .expect("post");
+    let status = resp.status().as_u16();
+    let text = resp.text().unwrap_or_default();
+    (
+        status,
+        serde_json::from_str(&text).unwrap_or(Value::String(text)),
+    )
+}
+
+pub fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let start = Instant::now();
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(start.elapsed() < timeout, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+impl Cluster {
+    pub fn start(n: u64, extra: &[&str]) -> Cluster {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = net();
+        let datastore = dir.path().join("datastore");
+        let nodes: Vec<Node> = (1..=n)
+            .map(|id| Node {
+                id,
+                addr: format!("127.{a}.{b}.{id}:7400"),
+                data: dir.path().join(format!("n{id}")),
+                child: None,
+            })
+            .collect();
+        let mut c = Cluster {
+            nodes,
+            datastore,
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+            dir,
+        };
+        c.start_node(1, None);
+        let seed = c.addr(1);
+        wait_for("bootstrap leader", Duration::from_secs(10), || {
+            get(&seed, "/v1/status")
+                .filter(|s| s["leader"] == json!(1))
+                .map(|_| ())
+        });
+        for id in 2..=n {
+            c.start_node(id, Some(&seed));
+        }
+        wait_for("all hosts registered", Duration::from_secs(20), || {
+            let s = get(&seed, "/v1/state")?;
+            (s["hosts"].as_object()?.len() == n as usize).then_some(())
+        });
+        c
+    }
+
+    pub fn start_node(&mut self, id: u64, join: Option<&str>) {
+        let (addr, data) = {
+            let n = &self.nodes[(id - 1) as usize];
+            (n.addr.clone(), n.data.clone())
+        };
+        let log = std::fs::File::create(self.dir.path().join(format!("n{id}.log"))).unwrap();
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_tern"));
+        cmd.args(["node", "--id", &id.to_string(), "--listen", &addr]);
+        cmd.arg("--data").arg(&data);
+        cmd.arg("--datastore").arg(&self.datastore);
+        match join {
+            Some(seed) => cmd.args(["--join", seed]),
+            None => cmd.arg("--bootstrap"),
+        };
+        cmd.args(&self.extra)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log);
+        self.nodes[(id - 1) as usize].child = Some(cmd.spawn().expect("spawn tern node"));
+    }
+
+    pub fn node(&mut self, id: u64) -> &mut Node {
+        &mut self.nodes[(id - 1) as usize]
+    }
+
+    pub fn addr(&self, id: u64) -> String {
+        self.nodes[(id - 1) as usize].addr.clone()
+    }
+
+    /// The address of a live node.
+    pub fn live(&self) -> String {
+        self.nodes
+            .iter()
+            .find(|n| n.child.is_some())
+            .unwrap()
+            .addr
+            .clone()
+    }
+
+    pub fn state(&self) -> Value {
+        wait_for("state", Duration::from_secs(10), || {
+            get(&self.live(), "/v1/state")
+        })
+    }
+
+    /// `tern ARGS` against a live node; panics with its output unless it succeeds.
+    pub fn tern_ok(&self, args: &[&str]) -> String {
+        self.tern_ok_at(&self.live(), args)
+    }
+
+    pub fn tern_ok_at(&self, server: &str, args: &[&str]) -> String {
+        let (ok, out, err) = self.tern_at(server, args);
+        assert!(ok, "tern {args:?} failed:\n{out}\n{err}\n{}", self.logs());
+        out
+    }
+
+    pub fn tern_at(&self, server: &str, args: &[&str]) -> (bool, String, String) {
+        let out = Command::new(env!("CARGO_BIN_EXE_tern"))
+            .args(args)
+            .env("TERN_SERVER", server)
+            .env_remove("TERN_USER")
+            .output()
+            .expect("run tern");
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+
+    /// The guest status of `vm` as node `id` reports it, if it runs there.
+    pub fn guest(&self, vm: &str, id: u64) -> Option<Value> {
+        self.nodes[(id - 1) as usize].child.as_ref()?;
+        get(&self.addr(id), &format!("/v1/vms/{vm}/guest"))
+    }
+
+    /// Wait until `vm` runs on node `id` and its guest has written and verified pages.
+    pub fn wait_guest_progress(&self, vm: &str, id: u64) -> Value {
+        let first = wait_for(
+            &format!("{vm} running on {id}"),
+            Duration::from_secs(30),
+            || {
+                self.guest(vm, id)
+                    .filter(|g| g["status"]["pages_written"].as_u64() > Some(0))
+            },
+        );
+        let v0 = first["status"]["pages_verified"].as_u64();
+        wait_for(
+            &format!("{vm} verifying on {id}"),
+            Duration::from_secs(30),
+            || {
+                self.guest(vm, id)
+                    .filter(|g| g["status"]["pages_verified"].as_u64() > v0)
+            },
+        )
+    }
+
+    /// The last lines of every node's log, for failure messages.
+    pub fn logs(&self) -> String {
+        let mut out = String::new();
+        for n in &self.nodes {
+            let text = std::fs::read_to_string(self.dir.path().join(format!("n{}.log", n.id)))
+                .unwrap_or_default();
+            let lines: Vec<&str> = text.lines().collect();
+            let tail = &lines[lines.len().saturating_sub(25)..];
+            out += &format!("--- node {} ---\n{}\n", n.id, tail.join("\n"));
+        }
+        out
+    }
+}
+
+impl Cluster {
+    /// Commit a raw command through any live node.
+    pub fn write(&self, command: Value) -> Value {
+        let (status, body) = post(&self.live(), "/v1/write", &json!({ "command": command }));
+        assert_eq!(status, 200, "write {command}: {body}");
+        body
+    }
+
+    /// Create a small VM on host `host` and wait until its guest verifies pages.
+    pub fn create_vm(&self, name: &str, host: u64, workload: &str) {
+        self.tern_ok(&[
+            "vm",
+            "create",
+            name,
+            "--memory",
+            "64M",
+            "--workload",
+            workload,
+            "--host",
+            &host.to_string(),
+        ]);
+        self.wait_guest_progress(name, host);
+    }
+
+    /// The tasks in the committed state.
+    pub fn tasks(&self) -> Vec<Value> {
+        self.state()["tasks"]
+            .as_object()
+            .map(|m| m.values().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    /// Wait until every task is final.
+    pub fn wait_tasks_idle(&self, timeout: Duration) -> Vec<Value> {
+        wait_for("tasks to finish", timeout, || {
+            let t = self.tasks();
+            t.iter()
+                .all(|t| !matches!(t["state"].as_str(), Some("queued" | "running")))
+                .then_some(t)
+        })
+    }
+
+    /// Every VM is held (running) by exactly one node, its owner, and verifies cleanly.
+    pub fn assert_single_owners(&self) {
+        let state = self.state();
+        let vms = state["vms"].as_object().cloned().unwrap_or_default();
+        for (name, vm) in vms {
+            let owner = vm["owner"].as_u64().unwrap();
+            let holders: Vec<u64> = self
+                .nodes
+                .iter()
+                .filter(|n| n.child.is_some())
+                .filter(|n| {
+                    get(&n.addr, "/v1/local").is_some_and(|l| {
+                        l.as_array()
+                            .unwrap()
+                            .iter()
+                            .any(|x| x["name"] == json!(name) && x["running"] == json!(true))
+                    })
+                })
+                .map(|n| n.id)
+                .collect();
+            assert_eq!(
+                holders,
+                vec![owner],
+                "{name} owned by {owner}\n{}",
+                self.logs()
+            );
+            let g = self.guest(&name, owner).expect("guest status");
+            assert_eq!(g["status"]["mismatches"], json!(0), "{name}");
+        }
+    }
+}
