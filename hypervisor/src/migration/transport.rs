@@ -98,36 +98,42 @@ impl RateLimiter {
     }
 }
 
-/// A `Pages` payload under construction: count, then (pfn, page) entries.
+/// A `Pages` payload under construction: count, then (pfn, page) entries. The buffer keeps
+/// its full size and `end` marks the payload, so pages are read straight into it (no zeroing
+/// before each read).
 pub struct PageBatch {
     buf: Vec<u8>,
+    end: usize,
     count: usize,
 }
 
+const ENTRY: usize = 8 + PAGE_SIZE;
+
 impl Default for PageBatch {
     fn default() -> Self {
-        let mut buf = Vec::with_capacity(4 + MAX_PAGES_PER_FRAME * (8 + PAGE_SIZE));
-        buf.extend_from_slice(&0u32.to_le_bytes());
-        PageBatch { buf, count: 0 }
+        PageBatch {
+            buf: vec![0; 4 + MAX_PAGES_PER_FRAME * ENTRY],
+            end: 4,
+            count: 0,
+        }
     }
 }
 
 impl PageBatch {
     /// Add page `pfn`, filled by `fill`; returns whether the page turned out all zero (in
-    /// which case it is taken back out, for a zero marker instead).
+    /// which case it is taken back out, for a zero marker instead). Must not be full.
     pub fn push<E>(
         &mut self,
         pfn: u64,
         fill: impl FnOnce(&mut [u8]) -> Result<(), E>,
     ) -> Result<bool, E> {
-        let start = self.buf.len();
-        self.buf.extend_from_slice(&pfn.to_le_bytes());
-        self.buf.resize(start + 8 + PAGE_SIZE, 0);
-        fill(&mut self.buf[start + 8..])?;
-        if is_zero(&self.buf[start + 8..]) {
-            self.buf.truncate(start);
+        let entry = &mut self.buf[self.end..self.end + ENTRY];
+        entry[..8].copy_from_slice(&pfn.to_le_bytes());
+        fill(&mut entry[8..])?;
+        if is_zero(&entry[8..]) {
             return Ok(true);
         }
+        self.end += ENTRY;
         self.count += 1;
         Ok(false)
     }
@@ -144,15 +150,14 @@ impl PageBatch {
         self.count == 0
     }
 
-    /// The finished payload; the batch is reset for reuse.
+    /// The finished payload; call `clear` before adding more.
     pub fn take_payload(&mut self) -> &[u8] {
         self.buf[0..4].copy_from_slice(&(self.count as u32).to_le_bytes());
-        self.count = 0;
-        &self.buf
+        &self.buf[..self.end]
     }
 
     pub fn clear(&mut self) {
-        self.buf.truncate(4);
+        self.end = 4;
         self.count = 0;
     }
 }
