@@ -473,6 +473,35 @@ fn cluster_rules_and_pools_steer_drs_and_placement() {
     c.assert_single_owners();
     c.tern_ok(&["rule", "delete", "ab-apart"]);
     assert!(c.state()["rules"].get("ab-apart").is_none());
+
+    // Manual automation: initial placement is only recommended; the refusal ranks the hosts.
+    c.tern_ok(&["drs", "set", "--automation", "manual"]);
+    let create_c = [
+        "vm",
+        "create",
+        "c",
+        "--memory",
+        "64M",
+        "--workload",
+        "wss=8M,rate=500",
+    ];
+    let (ok, _, err) = c.tern_at(&c.live(), &create_c);
+    assert!(!ok, "manual DRS placed a vm by itself");
+    assert!(err.contains("manual") && err.contains("--host"), "{err}");
+    for h in 1..=3 {
+        assert!(err.contains(&format!("host {h} (score")), "{err}");
+    }
+    assert!(err.contains("1. host "), "{err}");
+    assert!(
+        c.state()["vms"].get("c").is_none(),
+        "a refused create left a vm"
+    );
+    // Partial automation: placed automatically (DRS still only recommends migrations).
+    c.tern_ok(&["drs", "set", "--automation", "partial"]);
+    assert_eq!(c.state()["drs"]["automation"], json!("partially-automated"));
+    c.tern_ok(&create_c);
+    let owner = c.state()["vms"]["c"]["owner"].as_u64();
+    assert!(matches!(owner, Some(1..=3)), "{owner:?}");
 }
 
 /// Whether node `addr` holds `vm` with running vCPUs (None: the node did not answer).

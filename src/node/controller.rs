@@ -5,14 +5,16 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use tern_consensus::state::{AutomationLevel, Command, HostState, TaskState};
-use tern_consensus::ClusterState;
+use tern_consensus::state::{AutomationLevel, Command, HostState, ScheduledTask, TaskState};
+use tern_consensus::{Applied, ClusterState};
 use tern_scheduler::{balance, evacuate, Config, Move};
 
 use super::cron::When;
 use super::host::HostCtx;
 use super::sched_view::{self, host_key, parse_host, Loads, VmLoad};
-use super::vm_api::{queue_migration, MigrationBody, PRIORITY_HIGH, PRIORITY_LOW, PRIORITY_NORMAL};
+use super::vm_api::{
+    new_token, queue_migration, MigrationBody, PRIORITY_HIGH, PRIORITY_LOW, PRIORITY_NORMAL,
+};
 
 /// Samples of each VM kept on the leader (the scheduler sees their average).
 const WINDOW: usize = 5;
@@ -260,8 +262,8 @@ pub async fn drs(ctx: &HostCtx, state: &ClusterState, force: bool) -> Option<Drs
     Some(report)
 }
 
-/// Fire due schedules: commit the firing first (at most once per slot, whoever leads), then
-/// queue the migration it describes.
+/// Fire due schedules: one command records the firing (at most once per slot, whoever leads)
+/// and creates its migration task, so a leader dying in between cannot lose the run.
 async fn schedules(ctx: &HostCtx, state: &ClusterState) {
     let now = now_ms();
     for s in state.schedules.values().filter(|s| s.enabled) {
@@ -279,21 +281,36 @@ async fn schedules(ctx: &HostCtx, state: &ClusterState) {
         if s.last_fired_ms.is_some_and(|l| l >= slot) {
             continue;
         }
+        if body.priority >= PRIORITY_HIGH {
+            if let Some(from) = state.vms.get(&body.vm).map(|v| v.owner) {
+                // High priority needs its slots now; wait for them rather than fire late.
+                if let Err(why) = super::queue_view::admit_high(state, &body.vm, from, body.to) {
+                    tracing::debug!(schedule = %s.name, "scheduled migration waits: {why}");
+                    continue;
+                }
+            }
+        }
+        let Ok(token) = new_token() else {
+            continue;
+        };
         let fire = Command::FireSchedule {
             name: s.name.clone(),
             slot_ms: slot,
+            task: Some(ScheduledTask {
+                vm: body.vm.clone(),
+                to: body.to,
+                priority: body.priority,
+                reason: body.reason.clone().unwrap_or_else(|| "scheduled".into()),
+                requested_by: body.actor.clone().unwrap_or_else(|| "scheduler".into()),
+                token,
+            }),
         };
-        if ctx
-            .api
-            .propose("scheduler".into(), None, fire, false)
-            .await
-            .is_err()
-        {
-            continue;
-        }
-        match queue_migration(ctx, body).await {
-            Ok(id) => tracing::info!(schedule = %s.name, task = id, "schedule fired"),
-            Err(e) => tracing::warn!(schedule = %s.name, "scheduled migration not queued: {e}"),
+        match ctx.api.propose("scheduler".into(), None, fire, false).await {
+            Ok(Applied::TaskCreated { id }) => {
+                tracing::info!(schedule = %s.name, task = id, "schedule fired")
+            }
+            Ok(_) => tracing::warn!(schedule = %s.name, "schedule fired without a task"),
+            Err(e) => tracing::debug!(schedule = %s.name, "schedule not fired: {e}"),
         }
     }
 }
