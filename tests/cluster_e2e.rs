@@ -63,6 +63,25 @@ fn cluster_vm_migrates_live_with_raft_gated_switchover() {
     assert!(t["stats"]["downtime_us"].as_u64().unwrap() > 0);
     assert!(t["stats"]["bytes"].as_u64().unwrap() > 1 << 20);
     assert!(t["finished_at_ms"].as_u64() >= t["started_at_ms"].as_u64());
+    // Human output: times in UTC RFC 3339 (JSON keeps unix ms); --since takes either form.
+    let human = c.tern_ok(&["audit", "--vm", "web", "--since", "10m"]);
+    let row = human
+        .lines()
+        .find(|l| l.contains(" web "))
+        .unwrap_or_else(|| panic!("no row for web: {human}"));
+    let times: Vec<&str> = row
+        .split_whitespace()
+        .filter(|w| w.len() == 24 && w.ends_with('Z') && w.as_bytes()[10] == b'T')
+        .collect();
+    assert_eq!(times.len(), 3, "created, started, finished: {row}");
+    assert!(!row.contains(&t["created_at_ms"].to_string()), "{row}");
+    let at_created = c.tern_ok(&["audit", "--vm", "web", "--since", times[0]]);
+    assert!(
+        at_created.contains(" web "),
+        "--since its own time: {at_created}"
+    );
+    let future = c.tern_ok(&["audit", "--vm", "web", "--since", "2099-01-01T00:00:00Z"]);
+    assert!(!future.contains(" web "), "{future}");
 
     // Prometheus metrics on the source: migrations by result, downtime, bytes, Raft position.
     let metrics = client()
