@@ -521,6 +521,17 @@ fn cluster_rules_and_pools_steer_drs_and_placement() {
     c.tern_ok(&create_c);
     let owner = c.state()["vms"]["c"]["owner"].as_u64();
     assert!(matches!(owner, Some(1..=3)), "{owner:?}");
+
+    // A VM-VM should rule is stored as asked, but the operator is told it acts as a must rule.
+    let (ok, _, err) = c.tern_at(
+        &c.live(),
+        &[
+            "rule", "set", "ac", "--kind", "apart", "--vms", "a,c", "--should",
+        ],
+    );
+    assert!(ok && err.contains("enforced as must"), "{err}");
+    assert_eq!(c.state()["rules"]["ac"]["mandatory"], json!(false));
+    assert!(c.tern_ok(&["rule", "list"]).contains("known limitation"));
 }
 
 /// Whether node `addr` holds `vm` with running vCPUs (None: the node did not answer).
