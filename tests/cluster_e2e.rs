@@ -63,6 +63,25 @@ fn cluster_vm_migrates_live_with_raft_gated_switchover() {
     assert!(t["stats"]["downtime_us"].as_u64().unwrap() > 0);
     assert!(t["stats"]["bytes"].as_u64().unwrap() > 1 << 20);
     assert!(t["finished_at_ms"].as_u64() >= t["started_at_ms"].as_u64());
+    // Human output: times in UTC RFC 3339 (JSON keeps unix ms); --since takes either form.
+    let human = c.tern_ok(&["audit", "--vm", "web", "--since", "10m"]);
+    let row = human
+        .lines()
+        .find(|l| l.contains(" web "))
+        .unwrap_or_else(|| panic!("no row for web: {human}"));
+    let times: Vec<&str> = row
+        .split_whitespace()
+        .filter(|w| w.len() == 24 && w.ends_with('Z') && w.as_bytes()[10] == b'T')
+        .collect();
+    assert_eq!(times.len(), 3, "created, started, finished: {row}");
+    assert!(!row.contains(&t["created_at_ms"].to_string()), "{row}");
+    let at_created = c.tern_ok(&["audit", "--vm", "web", "--since", times[0]]);
+    assert!(
+        at_created.contains(" web "),
+        "--since its own time: {at_created}"
+    );
+    let future = c.tern_ok(&["audit", "--vm", "web", "--since", "2099-01-01T00:00:00Z"]);
+    assert!(!future.contains(" web "), "{future}");
 
     // Prometheus metrics on the source: migrations by result, downtime, bytes, Raft position.
     let metrics = client()
@@ -473,6 +492,46 @@ fn cluster_rules_and_pools_steer_drs_and_placement() {
     c.assert_single_owners();
     c.tern_ok(&["rule", "delete", "ab-apart"]);
     assert!(c.state()["rules"].get("ab-apart").is_none());
+
+    // Manual automation: initial placement is only recommended; the refusal ranks the hosts.
+    c.tern_ok(&["drs", "set", "--automation", "manual"]);
+    let create_c = [
+        "vm",
+        "create",
+        "c",
+        "--memory",
+        "64M",
+        "--workload",
+        "wss=8M,rate=500",
+    ];
+    let (ok, _, err) = c.tern_at(&c.live(), &create_c);
+    assert!(!ok, "manual DRS placed a vm by itself");
+    assert!(err.contains("manual") && err.contains("--host"), "{err}");
+    for h in 1..=3 {
+        assert!(err.contains(&format!("host {h} (score")), "{err}");
+    }
+    assert!(err.contains("1. host "), "{err}");
+    assert!(
+        c.state()["vms"].get("c").is_none(),
+        "a refused create left a vm"
+    );
+    // Partial automation: placed automatically (DRS still only recommends migrations).
+    c.tern_ok(&["drs", "set", "--automation", "partial"]);
+    assert_eq!(c.state()["drs"]["automation"], json!("partially-automated"));
+    c.tern_ok(&create_c);
+    let owner = c.state()["vms"]["c"]["owner"].as_u64();
+    assert!(matches!(owner, Some(1..=3)), "{owner:?}");
+
+    // A VM-VM should rule is stored as asked, but the operator is told it acts as a must rule.
+    let (ok, _, err) = c.tern_at(
+        &c.live(),
+        &[
+            "rule", "set", "ac", "--kind", "apart", "--vms", "a,c", "--should",
+        ],
+    );
+    assert!(ok && err.contains("enforced as must"), "{err}");
+    assert_eq!(c.state()["rules"]["ac"]["mandatory"], json!(false));
+    assert!(c.tern_ok(&["rule", "list"]).contains("known limitation"));
 }
 
 /// Whether node `addr` holds `vm` with running vCPUs (None: the node did not answer).

@@ -8,6 +8,7 @@ use tern_consensus::state::{MigrationTask, TaskId, TaskState};
 use tern_consensus::ClusterState;
 
 use super::cluster::{get, post, ServerArg};
+use crate::node::cron::format_time;
 
 #[derive(Clone, Copy, ValueEnum)]
 pub enum Priority {
@@ -99,7 +100,8 @@ pub struct AuditArgs {
     /// Only tasks of this VM.
     #[arg(long)]
     vm: Option<String>,
-    /// Only tasks created at or after this time (unix milliseconds, or a duration ago like 10m).
+    /// Only tasks created at or after this time: UTC RFC 3339 (2026-11-24T22:00:00Z), a
+    /// duration ago (10m, 2h), or unix milliseconds.
     #[arg(long)]
     since: Option<String>,
     #[arg(long)]
@@ -253,10 +255,6 @@ pub fn wait_task(server: &str, id: TaskId) -> anyhow::Result<MigrationTask> {
     }
 }
 
-fn ms(t: Option<u64>) -> String {
-    t.map_or("-".into(), |t| t.to_string())
-}
-
 fn print_task(t: &MigrationTask) {
     println!(
         "task {}: vm {} host {} -> {} [{}] {:?} by {} ({}) downtime {:.1} ms, total {} ms, {} MiB, {} rounds{}",
@@ -311,16 +309,27 @@ pub fn run_task(a: TaskArgs) -> anyhow::Result<()> {
     }
 }
 
-fn parse_since(s: &str) -> anyhow::Result<u64> {
+/// `--since`: an RFC 3339 time, a duration ago, or unix milliseconds (at `now_ms`).
+fn parse_since(s: &str, now_ms: u64) -> anyhow::Result<u64> {
+    let s = s.trim();
     if let Ok(ms) = s.parse::<u64>() {
         return Ok(ms);
     }
-    let ago = super::vm::parse_duration(s).context("--since")?;
-    Ok(now_ms().saturating_sub(ago.as_millis() as u64))
+    if s.contains('T') {
+        return crate::node::cron::parse_time(s, now_ms)
+            .map_err(|e| anyhow::anyhow!("--since: {e}"));
+    }
+    let ago = super::vm::parse_duration(s)
+        .context("--since: use 2026-11-24T22:00:00Z, a duration ago like 10m, or unix ms")?;
+    Ok(now_ms.saturating_sub(ago.as_millis() as u64))
 }
 
 pub fn run_audit(a: AuditArgs) -> anyhow::Result<()> {
-    let since = a.since.as_deref().map(parse_since).transpose()?;
+    let since = a
+        .since
+        .as_deref()
+        .map(|s| parse_since(s, now_ms()))
+        .transpose()?;
     let (state, _): (ClusterState, String) = get(&a.server.server, "/v1/state")?;
     let tasks: Vec<&MigrationTask> = state
         .tasks
@@ -332,14 +341,16 @@ pub fn run_audit(a: AuditArgs) -> anyhow::Result<()> {
         println!("{}", serde_json::to_string_pretty(&tasks)?);
         return Ok(());
     }
+    // Times in UTC RFC 3339; --json keeps unix milliseconds.
+    let time = |t: Option<u64>| t.map_or("-".into(), format_time);
     println!(
-        "{:>4} {:<12} {:>4} {:>4} {:<10} {:<10} {:<12} {:>13} {:>13} {:>13} {:>10} {:>8} {:>8}  ERROR",
-        "TASK", "VM", "FROM", "TO", "RESULT", "REASON", "REQUESTED_BY", "CREATED_MS", "STARTED_MS",
-        "FINISHED_MS", "DOWNTIME", "TOTAL", "MiB"
+        "{:>4} {:<12} {:>4} {:>4} {:<10} {:<10} {:<12} {:<24} {:<24} {:<24} {:>10} {:>8} {:>8}  ERROR",
+        "TASK", "VM", "FROM", "TO", "RESULT", "REASON", "REQUESTED_BY", "CREATED", "STARTED",
+        "FINISHED", "DOWNTIME", "TOTAL", "MiB"
     );
     for t in tasks {
         println!(
-            "{:>4} {:<12} {:>4} {:>4} {:<10} {:<10} {:<12} {:>13} {:>13} {:>13} {:>8.1}ms {:>6}ms {:>8}  {}",
+            "{:>4} {:<12} {:>4} {:>4} {:<10} {:<10} {:<12} {:<24} {:<24} {:<24} {:>8.1}ms {:>6}ms {:>8}  {}",
             t.id,
             t.vm,
             t.from,
@@ -347,9 +358,9 @@ pub fn run_audit(a: AuditArgs) -> anyhow::Result<()> {
             format!("{:?}", t.state).to_lowercase(),
             t.reason,
             t.requested_by,
-            t.created_at_ms,
-            ms(t.started_at_ms),
-            ms(t.finished_at_ms),
+            time(Some(t.created_at_ms)),
+            time(t.started_at_ms),
+            time(t.finished_at_ms),
             t.stats.downtime_us as f64 / 1000.0,
             t.stats.total_ms,
             t.stats.bytes >> 20,
@@ -357,4 +368,26 @@ pub fn run_audit(a: AuditArgs) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_since;
+
+    const NOW: u64 = 1_764_023_465_123; // 2025-11-24T22:31:05.123Z
+
+    #[test]
+    fn since_takes_rfc3339_a_duration_ago_or_unix_ms() {
+        assert_eq!(
+            parse_since("2025-11-24T22:31:05.123Z", 0).unwrap(),
+            NOW,
+            "RFC 3339"
+        );
+        assert_eq!(parse_since("10m", NOW).unwrap(), NOW - 600_000);
+        assert_eq!(parse_since("2h", NOW).unwrap(), NOW - 7_200_000);
+        assert_eq!(parse_since("1764023465123", 0).unwrap(), NOW);
+        for bad in ["yesterday", "2025-13-01T00:00Z", "10y", ""] {
+            assert!(parse_since(bad, NOW).is_err(), "{bad:?}");
+        }
+    }
 }

@@ -195,6 +195,13 @@ pub fn run_rule(a: RuleArgs) -> anyhow::Result<()> {
             if host_rule == hosts.is_empty() {
                 bail!("--hosts is required for on-hosts/off-hosts rules and only for them");
             }
+            if should && !host_rule {
+                // Known limitation: tern-scheduler only has hard VM-VM rules.
+                eprintln!(
+                    "warning: VM-VM rules are always enforced as must; {name} is stored as \
+                     should but placement and DRS treat it as a hard rule"
+                );
+            }
             let rule = Rule {
                 name: name.clone(),
                 kind,
@@ -221,16 +228,28 @@ pub fn run_rule(a: RuleArgs) -> anyhow::Result<()> {
             );
             for r in s.rules.values() {
                 let hosts: Vec<String> = r.hosts.iter().map(u64::to_string).collect();
+                // A VM-VM should rule is enforced as must (the scheduler has only hard ones).
+                let must = match (r.mandatory, vm_vm(r.kind)) {
+                    (false, true) => "false*".to_string(),
+                    (m, _) => m.to_string(),
+                };
                 println!(
                     "{:<16} {:<22} {:<6} {:<24} {}",
                     r.name,
                     format!("{:?}", r.kind),
-                    r.mandatory,
+                    must,
                     r.vms.join(","),
                     hosts.join(",")
                 );
             }
+            if s.rules.values().any(|r| !r.mandatory && vm_vm(r.kind)) {
+                println!("* VM-VM should rule: enforced as must (known limitation)");
+            }
         }
     }
     Ok(())
+}
+
+fn vm_vm(kind: RuleKind) -> bool {
+    matches!(kind, RuleKind::VmVmAffinity | RuleKind::VmVmAntiAffinity)
 }

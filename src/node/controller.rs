@@ -5,14 +5,18 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use tern_consensus::state::{AutomationLevel, Command, HostState, TaskState};
-use tern_consensus::ClusterState;
+use tern_consensus::state::{
+    AutomationLevel, Command, DrsSettings, HostState, ScheduledTask, TaskState,
+};
+use tern_consensus::{Applied, ClusterState};
 use tern_scheduler::{balance, evacuate, Config, Move};
 
 use super::cron::When;
 use super::host::HostCtx;
 use super::sched_view::{self, host_key, parse_host, Loads, VmLoad};
-use super::vm_api::{queue_migration, MigrationBody, PRIORITY_HIGH, PRIORITY_LOW, PRIORITY_NORMAL};
+use super::vm_api::{
+    new_token, queue_migration, MigrationBody, PRIORITY_HIGH, PRIORITY_LOW, PRIORITY_NORMAL,
+};
 
 /// Samples of each VM kept on the leader (the scheduler sees their average).
 const WINDOW: usize = 5;
@@ -181,6 +185,38 @@ async fn maintenance(ctx: &HostCtx, state: &ClusterState) {
     }
 }
 
+/// The DRS settings as the scheduler's config: the cooldown is at most three intervals, so a
+/// short interval (tests, the demo) does not pin VMs for the scheduler's default 15 minutes.
+fn drs_config(settings: &DrsSettings) -> Config {
+    let mut cfg = Config::with_threshold(settings.migration_threshold);
+    cfg.interval_s = f64::from(settings.interval_s);
+    cfg.cooldown_s = cfg.cooldown_s.min(f64::from(settings.interval_s) * 3.0);
+    cfg
+}
+
+/// One DRS plan on the committed state and the leader's load window, at `now_ms`: the
+/// scheduler's moves minus maintenance moves (the maintenance loop's job) and VMs with an
+/// active task. VMs still in their cooldown are never proposed (by the scheduler).
+fn plan_pass(
+    state: &ClusterState,
+    loads: &Loads,
+    now_ms: u64,
+) -> anyhow::Result<(tern_scheduler::Cluster, tern_scheduler::Plan, Vec<Move>)> {
+    let cluster = sched_view::cluster(state, loads, now_ms as f64 / 1000.0)?;
+    let mut plan = balance(&cluster, &drs_config(&state.drs))?;
+    let busy = |vm: &str| {
+        state
+            .tasks
+            .values()
+            .any(|t| t.vm == vm && t.state != TaskState::Succeeded && !t.state.is_final())
+    };
+    let recommendations = std::mem::take(&mut plan.moves)
+        .into_iter()
+        .filter(|m| m.kind != tern_scheduler::MoveKind::Maintenance && !busy(&m.vm))
+        .collect();
+    Ok((cluster, plan, recommendations))
+}
+
 /// One DRS pass when the interval has passed (or `force`): remember the recommendations, and
 /// in fully automated mode queue them as tasks (reason `drs`).
 pub async fn drs(ctx: &HostCtx, state: &ClusterState, force: bool) -> Option<DrsReport> {
@@ -199,35 +235,13 @@ pub async fn drs(ctx: &HostCtx, state: &ClusterState, force: bool) -> Option<Drs
         *last = Some(Instant::now());
     }
     let loads = ctx.controller.loads(state);
-    let cluster = match sched_view::cluster(state, &loads, now_ms() as f64 / 1000.0) {
-        Ok(c) => c,
-        Err(e) => {
-            tracing::warn!("drs snapshot: {e:#}");
-            return None;
-        }
-    };
-    let mut cfg = Config::with_threshold(settings.migration_threshold);
-    cfg.interval_s = f64::from(settings.interval_s);
-    cfg.cooldown_s = cfg.cooldown_s.min(f64::from(settings.interval_s) * 3.0);
-    let plan = match balance(&cluster, &cfg) {
+    let (cluster, plan, recommendations) = match plan_pass(state, &loads, now_ms()) {
         Ok(p) => p,
         Err(e) => {
-            tracing::warn!("drs pass: {e}");
+            tracing::warn!("drs pass: {e:#}");
             return None;
         }
     };
-    // Maintenance moves are the maintenance loop's job.
-    let busy = |vm: &str| {
-        state
-            .tasks
-            .values()
-            .any(|t| t.vm == vm && t.state != TaskState::Succeeded && !t.state.is_final())
-    };
-    let recommendations: Vec<Move> = plan
-        .moves
-        .into_iter()
-        .filter(|m| m.kind != tern_scheduler::MoveKind::Maintenance && !busy(&m.vm))
-        .collect();
     let host_load = state
         .hosts
         .keys()
@@ -260,8 +274,8 @@ pub async fn drs(ctx: &HostCtx, state: &ClusterState, force: bool) -> Option<Drs
     Some(report)
 }
 
-/// Fire due schedules: commit the firing first (at most once per slot, whoever leads), then
-/// queue the migration it describes.
+/// Fire due schedules: one command records the firing (at most once per slot, whoever leads)
+/// and creates its migration task, so a leader dying in between cannot lose the run.
 async fn schedules(ctx: &HostCtx, state: &ClusterState) {
     let now = now_ms();
     for s in state.schedules.values().filter(|s| s.enabled) {
@@ -279,21 +293,154 @@ async fn schedules(ctx: &HostCtx, state: &ClusterState) {
         if s.last_fired_ms.is_some_and(|l| l >= slot) {
             continue;
         }
+        if body.priority >= PRIORITY_HIGH {
+            if let Some(from) = state.vms.get(&body.vm).map(|v| v.owner) {
+                // High priority needs its slots now; wait for them rather than fire late.
+                if let Err(why) = super::queue_view::admit_high(state, &body.vm, from, body.to) {
+                    tracing::debug!(schedule = %s.name, "scheduled migration waits: {why}");
+                    continue;
+                }
+            }
+        }
+        let Ok(token) = new_token() else {
+            continue;
+        };
         let fire = Command::FireSchedule {
             name: s.name.clone(),
             slot_ms: slot,
+            task: Some(ScheduledTask {
+                vm: body.vm.clone(),
+                to: body.to,
+                priority: body.priority,
+                reason: body.reason.clone().unwrap_or_else(|| "scheduled".into()),
+                requested_by: body.actor.clone().unwrap_or_else(|| "scheduler".into()),
+                token,
+            }),
         };
-        if ctx
-            .api
-            .propose("scheduler".into(), None, fire, false)
-            .await
-            .is_err()
-        {
-            continue;
+        match ctx.api.propose("scheduler".into(), None, fire, false).await {
+            Ok(Applied::TaskCreated { id }) => {
+                tracing::info!(schedule = %s.name, task = id, "schedule fired")
+            }
+            Ok(_) => tracing::warn!(schedule = %s.name, "schedule fired without a task"),
+            Err(e) => tracing::debug!(schedule = %s.name, "schedule not fired: {e}"),
         }
-        match queue_migration(ctx, body).await {
-            Ok(id) => tracing::info!(schedule = %s.name, task = id, "schedule fired"),
-            Err(e) => tracing::warn!(schedule = %s.name, "scheduled migration not queued: {e}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tern_consensus::state::{Capacity, MigrationTask, TaskStats, VmSpec};
+    use tern_consensus::Request;
+
+    const NOW_MS: u64 = 10_000_000;
+
+    /// Two hosts; `a` and `b` busy on host 1, host 2 idle; DRS interval 60 s (cooldown 180 s).
+    fn overloaded() -> (ClusterState, Loads) {
+        let mut s = ClusterState::default();
+        let mut apply = |command| {
+            let req = Request {
+                actor: "test".into(),
+                at_ms: 1,
+                command,
+            };
+            s.apply(1, &req).expect("apply");
+        };
+        for id in [1, 2] {
+            apply(Command::RegisterHost {
+                id,
+                address: format!("h{id}"),
+                capacity: Capacity {
+                    cpus: 2,
+                    memory_mib: 4096,
+                },
+                cpu_features: vec![],
+            });
         }
+        for vm in ["a", "b"] {
+            apply(Command::CreateVm {
+                spec: VmSpec {
+                    name: vm.into(),
+                    vcpus: 1,
+                    memory_mib: 64,
+                    cpu_features: vec![],
+                },
+                pool: None,
+                owner: 1,
+            });
+        }
+        apply(Command::SetDrs {
+            settings: DrsSettings {
+                automation: AutomationLevel::FullyAutomated,
+                migration_threshold: 3,
+                interval_s: 60,
+            },
+        });
+        let busy = VmLoad {
+            cpu_percent: 90.0,
+            active_mib: 16,
+            dirty_mib_s: 0.0,
+        };
+        let loads = ["a", "b"].map(|v| (v.to_string(), busy.clone())).into();
+        (s, loads)
+    }
+
+    /// Record that `vm` arrived on host 1 by a migration that finished `ago_s` before NOW_MS.
+    fn migrated(s: &mut ClusterState, vm: &str, ago_s: u64) {
+        let id = s.next_task_id;
+        s.next_task_id += 1;
+        let finished = NOW_MS - ago_s * 1000;
+        s.tasks.insert(
+            id,
+            MigrationTask {
+                id,
+                vm: vm.into(),
+                from: 2,
+                to: 1,
+                priority: 2,
+                state: TaskState::Succeeded,
+                reason: "manual".into(),
+                requested_by: "test".into(),
+                created_at_ms: finished - 5_000,
+                started_at_ms: Some(finished - 4_000),
+                finished_at_ms: Some(finished),
+                stats: TaskStats::default(),
+                error: None,
+                token: String::new(),
+            },
+        );
+    }
+
+    fn moved_vms(s: &ClusterState, loads: &Loads) -> Vec<String> {
+        let (_, _, moves) = plan_pass(s, loads, NOW_MS).expect("plan");
+        moves.into_iter().map(|m| m.vm).collect()
+    }
+
+    #[test]
+    fn drs_moves_a_vm_off_the_overloaded_host() {
+        let (s, loads) = overloaded();
+        assert_eq!(moved_vms(&s, &loads).len(), 1, "one of a, b should move");
+    }
+
+    #[test]
+    fn a_vm_in_its_cooldown_is_not_moved_again() {
+        let (mut s, loads) = overloaded();
+        migrated(&mut s, "a", 10);
+        assert_eq!(
+            moved_vms(&s, &loads),
+            ["b"],
+            "a just migrated: only b may move"
+        );
+        migrated(&mut s, "b", 10);
+        assert!(moved_vms(&s, &loads).is_empty(), "both in their cooldown");
+    }
+
+    #[test]
+    fn the_cooldown_ends_after_three_intervals() {
+        let (mut s, loads) = overloaded();
+        migrated(&mut s, "a", 181);
+        migrated(&mut s, "b", 181);
+        assert_eq!(moved_vms(&s, &loads).len(), 1);
+        assert_eq!(drs_config(&s.drs).cooldown_s, 180.0);
     }
 }

@@ -127,8 +127,22 @@ impl Cron {
     }
 }
 
+/// Unix milliseconds as UTC RFC 3339 with milliseconds, e.g. `2026-11-24T22:31:05.123Z`.
+pub fn format_time(ms: u64) -> String {
+    let secs = ms / 1000;
+    let (y, mo, d) = civil((secs / 86_400) as i64);
+    let day_s = secs % 86_400;
+    format!(
+        "{y:04}-{mo:02}-{d:02}T{:02}:{:02}:{:02}.{:03}Z",
+        day_s / 3600,
+        day_s / 60 % 60,
+        day_s % 60,
+        ms % 1000
+    )
+}
+
 /// Parse an operator's time: `+DURATION` from now, unix seconds or milliseconds, or
-/// `YYYY-MM-DDTHH:MM[:SS]Z` (UTC). Returns unix milliseconds.
+/// `YYYY-MM-DDTHH:MM[:SS[.fff]]Z` (UTC, RFC 3339). Returns unix milliseconds.
 pub fn parse_time(s: &str, now_ms: u64) -> Result<u64, String> {
     let s = s.trim();
     if let Some(rel) = s.strip_prefix('+') {
@@ -146,12 +160,22 @@ pub fn parse_time(s: &str, now_ms: u64) -> Result<u64, String> {
         .split('-')
         .map(|p| p.parse().map_err(|_| bad()))
         .collect::<Result<_, _>>()?;
+    // Fractional seconds (RFC 3339 `time-secfrac`): kept to the millisecond.
+    let (time, frac_ms) = match time.split_once('.') {
+        Some((t, f)) if !f.is_empty() && f.bytes().all(|b| b.is_ascii_digit()) => {
+            let digits: String = f.chars().chain("00".chars()).take(3).collect();
+            (t, digits.parse::<u64>().map_err(|_| bad())?)
+        }
+        Some(_) => return Err(bad()),
+        None => (time, 0),
+    };
     let t: Vec<u32> = time
         .split(':')
         .map(|p| p.parse().map_err(|_| bad()))
         .collect::<Result<_, _>>()?;
     if d.len() != 3
         || !(2..=3).contains(&t.len())
+        || (frac_ms > 0 && t.len() != 3)
         || d[1] == 0
         || d[1] > 12
         || d[2] == 0
@@ -164,7 +188,9 @@ pub fn parse_time(s: &str, now_ms: u64) -> Result<u64, String> {
     }
     let days = days_from_civil(i64::from(d[0]), d[1], d[2]);
     let secs = days * 86_400 + i64::from(t[0] * 3600 + t[1] * 60 + t.get(2).copied().unwrap_or(0));
-    u64::try_from(secs * 1000).map_err(|_| bad())
+    u64::try_from(secs * 1000)
+        .map(|ms| ms + frac_ms)
+        .map_err(|_| bad())
 }
 
 #[cfg(test)]
@@ -215,5 +241,25 @@ mod tests {
         assert_eq!(parse_time("1970-01-02T00:00Z", 0), Ok(86_400_000));
         assert!(parse_time("2026-13-01T00:00Z", 0).is_err());
         assert!(parse_time("soon", 0).is_err());
+        assert_eq!(parse_time("1970-01-01T00:00:01.5Z", 0), Ok(1_500));
+        assert!(parse_time("1970-01-01T00:00:01.Z", 0).is_err());
+        assert!(parse_time("1970-01-01T00:00:01.x1Z", 0).is_err());
+    }
+
+    #[test]
+    fn times_format_as_utc_rfc3339_and_parse_back() {
+        assert_eq!(format_time(0), "1970-01-01T00:00:00.000Z");
+        let t = parse_time("2026-11-24T22:31:05Z", 0).unwrap() + 123;
+        assert_eq!(format_time(t), "2026-11-24T22:31:05.123Z");
+        // Leap day, end of a year.
+        assert_eq!(format_time(951_782_400_000), "2000-02-29T00:00:00.000Z");
+        for ms in [0, 1, 999, 86_399_999, 1_764_000_000_007, 4_102_444_800_000] {
+            assert_eq!(
+                parse_time(&format_time(ms), 0),
+                Ok(ms),
+                "{}",
+                format_time(ms)
+            );
+        }
     }
 }

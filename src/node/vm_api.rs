@@ -7,7 +7,9 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::routing::{get, post};
 use axum::Router;
 use serde::{Deserialize, Serialize};
-use tern_consensus::state::{Command, HostState, TaskId, TaskState, VmSpec, VmState};
+use tern_consensus::state::{
+    AutomationLevel, Command, HostState, TaskId, TaskState, VmSpec, VmState,
+};
 use tern_consensus::Applied;
 use tern_hypervisor::{GuestStatus, Workload};
 
@@ -185,10 +187,45 @@ fn place(state: &tern_consensus::ClusterState, body: &CreateVmBody) -> Result<u6
     };
     let p = tern_scheduler::place(&cluster, &vm, &tern_scheduler::Config::default())
         .map_err(|e| bad(format!("placement: {e}")))?;
+    if state.drs.automation == AutomationLevel::Manual {
+        // Like DRS in manual mode: recommend, never choose; the operator picks with --host.
+        return Err(with_status(
+            StatusCode::CONFLICT,
+            manual_placement_refusal(&body.name, &p.ranking),
+        ));
+    }
     p.host
         .as_deref()
         .and_then(sched_view::parse_host)
         .ok_or_else(|| with_status(StatusCode::CONFLICT, "no host can take this vm"))
+}
+
+/// The error for a placement request under manual DRS: the ranked hosts to choose from.
+fn manual_placement_refusal(vm: &str, ranking: &tern_scheduler::Ranking) -> String {
+    let mut msg = format!(
+        "DRS automation is manual: vm {vm:?} is not placed automatically; choose a host with \
+         --host. Recommended hosts, best first:"
+    );
+    if ranking.candidates.is_empty() {
+        msg.push_str(" none");
+    }
+    for (i, c) in ranking.candidates.iter().enumerate() {
+        msg.push_str(&format!(
+            "\n  {}. host {} (score {:.1}: {})",
+            i + 1,
+            c.host,
+            c.score,
+            c.reasons.join("; ")
+        ));
+    }
+    for x in &ranking.excluded {
+        msg.push_str(&format!(
+            "\n  excluded: host {} ({})",
+            x.host,
+            x.reasons.join("; ")
+        ));
+    }
+    msg
 }
 
 async fn set_state(ctx: &HostCtx, name: String, state: VmState) -> Result<Applied, ApiError> {
