@@ -19,6 +19,9 @@ struct InMemoryTestVm {
     throttle: AtomicU8,
     state: Mutex<Vec<u8>>,
     features: Vec<u32>,
+    /// Held by the guest thread while it writes a batch, so `pause` returns only once the
+    /// guest has stopped writing, as a KVM pause returns only once the vCPUs are out.
+    running: Mutex<()>,
 }
 
 const WORDS: usize = PAGE_SIZE / 8;
@@ -41,6 +44,7 @@ impl InMemoryTestVm {
             throttle: AtomicU8::new(0),
             state: Mutex::new(b"vcpu-state".to_vec()),
             features: vec![0b1011],
+            running: Mutex::new(()),
         })
     }
     fn pages(&self) -> u64 {
@@ -64,11 +68,14 @@ impl InMemoryTestVm {
         std::thread::spawn(move || {
             let mut i = 0u64;
             while !stop.load(Ordering::SeqCst) {
-                if !vm.paused.load(Ordering::SeqCst) {
-                    let n = per_ms * (100 - vm.throttle.load(Ordering::SeqCst) as u64) / 100;
-                    for _ in 0..n {
-                        vm.guest_write((i * 7919) % vm.pages(), i + 1);
-                        i += 1;
+                {
+                    let _running = vm.running.lock().unwrap();
+                    if !vm.paused.load(Ordering::SeqCst) {
+                        let n = per_ms * (100 - vm.throttle.load(Ordering::SeqCst) as u64) / 100;
+                        for _ in 0..n {
+                            vm.guest_write((i * 7919) % vm.pages(), i + 1);
+                            i += 1;
+                        }
                     }
                 }
                 std::thread::sleep(Duration::from_millis(1));
@@ -130,6 +137,7 @@ impl MigratableVm for Arc<InMemoryTestVm> {
     }
     fn pause(&self) -> VmResult<()> {
         self.paused.store(true, Ordering::SeqCst);
+        drop(self.running.lock().unwrap());
         Ok(())
     }
     fn resume(&self) -> VmResult<()> {
