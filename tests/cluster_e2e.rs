@@ -10,7 +10,7 @@ use serde_json::{json, Value};
 
 #[test]
 fn cluster_vm_migrates_live_with_raft_gated_switchover() {
-    if !have_kvm() {
+    if !kvm_or_skip() {
         return;
     }
     let c = Cluster::start(3, &[]);
@@ -124,7 +124,7 @@ fn cluster_vm_migrates_live_with_raft_gated_switchover() {
 
 #[test]
 fn cluster_forged_migration_streams_are_refused() {
-    if !have_kvm() {
+    if !kvm_or_skip() {
         return;
     }
     let c = Cluster::start(3, &[]);
@@ -159,7 +159,7 @@ fn cluster_forged_migration_streams_are_refused() {
 
 #[test]
 fn cluster_maintenance_evacuates_a_host_while_guests_keep_verifying() {
-    if !have_kvm() {
+    if !kvm_or_skip() {
         return;
     }
     let c = Cluster::start(3, &[]);
@@ -209,7 +209,7 @@ fn cluster_maintenance_evacuates_a_host_while_guests_keep_verifying() {
 
 #[test]
 fn cluster_concurrent_migrations_respect_slots_and_priority() {
-    if !have_kvm() {
+    if !kvm_or_skip() {
         return;
     }
     // A bandwidth cap keeps each migration long enough for the queue to matter.
@@ -276,7 +276,7 @@ fn cluster_concurrent_migrations_respect_slots_and_priority() {
 
 #[test]
 fn cluster_drs_moves_vms_off_an_overloaded_host() {
-    if !have_kvm() {
+    if !kvm_or_skip() {
         return;
     }
     // Small declared capacities, so the load the guests put on host 1 stands out even when
@@ -379,7 +379,7 @@ fn cluster_drs_moves_vms_off_an_overloaded_host() {
 
 #[test]
 fn cluster_kill_destination_mid_migration_keeps_the_vm_on_the_source() {
-    if !have_kvm() {
+    if !kvm_or_skip() {
         return;
     }
     let mut c = Cluster::start(3, &["--migrate-bandwidth-mib", "10"]);
@@ -404,7 +404,7 @@ fn cluster_kill_destination_mid_migration_keeps_the_vm_on_the_source() {
 
 #[test]
 fn cluster_kill_leader_mid_migration_ends_with_one_owner() {
-    if !have_kvm() {
+    if !kvm_or_skip() {
         return;
     }
     let mut c = Cluster::start(3, &["--migrate-bandwidth-mib", "10"]);
@@ -432,7 +432,7 @@ fn cluster_kill_leader_mid_migration_ends_with_one_owner() {
 
 #[test]
 fn cluster_rules_and_pools_steer_drs_and_placement() {
-    if !have_kvm() {
+    if !kvm_or_skip() {
         return;
     }
     let c = Cluster::start(3, &["--load-interval-ms", "300"]);
@@ -546,7 +546,7 @@ fn runs(addr: &str, vm: &str) -> Option<bool> {
 
 #[test]
 fn cluster_source_cut_off_at_switchover_never_runs_the_vm_twice() {
-    if !have_kvm() {
+    if !kvm_or_skip() {
         return;
     }
     use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -642,7 +642,7 @@ fn cluster_source_cut_off_at_switchover_never_runs_the_vm_twice() {
 
 #[test]
 fn cluster_scheduled_migration_fires_after_a_leader_change_and_tasks_cancel() {
-    if !have_kvm() {
+    if !kvm_or_skip() {
         return;
     }
     let mut c = Cluster::start(3, &["--migrate-bandwidth-mib", "10"]);

@@ -1,14 +1,15 @@
 //! `tern demo --json` end to end: three real nodes, nine real guests, DRS, an operator's
 //! migration, a scheduled one and a maintenance evacuation; the summary must show every kind of
 //! task, no failures, no guest mismatches and no VM running on two hosts.
+mod support;
+
 use std::process::Command;
 
 use serde_json::Value;
 
 #[test]
 fn demo_json_summary_shows_a_balanced_verified_cluster() {
-    if !std::path::Path::new("/dev/kvm").exists() {
-        println!("SKIP: no /dev/kvm");
+    if !support::kvm_or_skip() {
         return;
     }
     let out = Command::new(env!("CARGO_BIN_EXE_tern"))

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 use support::proxy::ProxyNet;
 use support::store::{assert_committed_prefix_agrees, read_log};
+use support::wait_for;
 
 struct Node {
     id: u64,
@@ -105,17 +106,6 @@ fn write(addr: &str, body: Value) -> Result<Value, String> {
 
 fn schedule(name: &str) -> Value {
     json!({"command": {"op": "put_schedule", "schedule": {"name": name, "cron": "* * * * *", "action": "noop", "enabled": true}}})
-}
-
-fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
-    let start = Instant::now();
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(start.elapsed() < timeout, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
 }
 
 impl Cluster {

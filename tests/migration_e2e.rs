@@ -1,24 +1,13 @@
 //! Live migration between two real `tern` processes on loopback, with the real test guest.
+mod support;
+use support::kvm_or_skip;
+
 use std::io::{BufRead, BufReader, Write};
 use std::net::TcpStream;
 use std::process::{Child, ChildStdout, Command, Stdio};
 use std::time::Duration;
 
 use serde_json::Value;
-
-fn kvm_or_skip() -> bool {
-    if std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-        .is_ok()
-    {
-        true
-    } else {
-        println!("SKIP: no /dev/kvm");
-        false
-    }
-}
 
 /// Kills the child by PID when dropped.
 struct Proc(Child);

@@ -1,19 +1,8 @@
 //! End-to-end: the real `tern vm run` binary on this host's /dev/kvm.
-use std::process::Command;
+mod support;
+use support::kvm_or_skip;
 
-fn kvm_or_skip() -> bool {
-    if std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-        .is_ok()
-    {
-        true
-    } else {
-        println!("SKIP: no /dev/kvm");
-        false
-    }
-}
+use std::process::Command;
 
 fn tern(args: &[&str]) -> std::process::Output {
     Command::new(env!("CARGO_BIN_EXE_tern"))

@@ -2,20 +2,12 @@
 //! /24, a shared datastore directory, and the `tern` CLI.
 #![allow(dead_code)]
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde_json::{json, Value};
 
 use crate::support::proxy::ProxyNet;
-
-pub fn have_kvm() -> bool {
-    if std::path::Path::new("/dev/kvm").exists() {
-        true
-    } else {
-        println!("SKIP: no /dev/kvm");
-        false
-    }
-}
+pub use crate::support::{kvm_or_skip, wait_for};
 
 pub struct Node {
     pub id: u64,
@@ -92,17 +84,6 @@ pub fn post(addr: &str, path: &str, body: &Value) -> (u16, Value) {
         status,
         serde_json::from_str(&text).unwrap_or(Value::String(text)),
     )
-}
-
-pub fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
-    let start = Instant::now();
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(start.elapsed() < timeout, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
 }
 
 impl Cluster {
