@@ -96,3 +96,34 @@ fn synthetic_run_and_unknown_policy() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("unknown policy"));
 }
+
+#[test]
+fn initial_placement_flag_is_parsed_and_bad_values_refused() {
+    let d = tempfile::tempdir().unwrap();
+    write_traces(d.path(), 16);
+    let run = |ip: &str| {
+        tern()
+            .args([
+                "sim", "--policy", "none", "--hosts", "16", "--json", "--quiet",
+            ])
+            .args(["--initial-placement", ip, "--trace"])
+            .arg(d.path())
+            .output()
+            .unwrap()
+    };
+    let full = run("full");
+    let demand = run("demand");
+    assert!(full.status.success() && demand.status.success());
+    let f: serde_json::Value = serde_json::from_slice(&full.stdout).unwrap();
+    let dm: serde_json::Value = serde_json::from_slice(&demand.stdout).unwrap();
+    // Demand-sized VMs pack onto fewer hosts than full-size ones.
+    assert!(
+        dm["mean_active_hosts"].as_f64().unwrap() < f["mean_active_hosts"].as_f64().unwrap(),
+        "{} vs {}",
+        dm["mean_active_hosts"],
+        f["mean_active_hosts"]
+    );
+    let bad = run("half");
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("half"));
+}

@@ -72,6 +72,36 @@ pub struct Fleet {
     pub cloudsim_engine: bool,
     /// Start VMs round-robin instead of with CloudSim's best fit (large generated fleets).
     pub spread_initial: bool,
+    /// How policies that do not place by themselves (none, drs, drs+dpm) start the fleet.
+    pub initial_placement: InitialPlacement,
+}
+
+/// The starting placement shared by `none`, `drs` and `drs+dpm` (LR-MMT places by itself).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum InitialPlacement {
+    /// Each VM reserves its full MIPS: no host can ever be over-committed.
+    #[default]
+    Full,
+    /// Each VM is sized by its demand at t = 0 x `DEMAND_HEADROOM` (best fit decreasing,
+    /// memory always respected), as a fleet placed by what VMs used when created: hosts
+    /// drift into contention as loads rise.
+    Demand,
+}
+
+/// Headroom over the first demand sample under `InitialPlacement::Demand`.
+pub const DEMAND_HEADROOM: f64 = 1.2;
+
+impl std::str::FromStr for InitialPlacement {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "full" => Ok(InitialPlacement::Full),
+            "demand" => Ok(InitialPlacement::Demand),
+            other => Err(format!(
+                "unknown initial placement {other:?} (full, demand)"
+            )),
+        }
+    }
 }
 
 /// The four VM types of the PlanetLab setup (MIPS, RAM MB), by contiguous quarters of the list.
@@ -135,6 +165,7 @@ impl Fleet {
             cloudsim_ram: false,
             cloudsim_engine: false,
             spread_initial: false,
+            initial_placement: InitialPlacement::Full,
         })
     }
 
@@ -185,6 +216,7 @@ impl Fleet {
             cloudsim_ram: false,
             cloudsim_engine: false,
             spread_initial: true,
+            initial_placement: InitialPlacement::Full,
         })
     }
 
@@ -332,6 +364,7 @@ impl FleetToml {
             cloudsim_ram: false,
             cloudsim_engine: false,
             spread_initial: false,
+            initial_placement: InitialPlacement::Full,
         })
     }
 }

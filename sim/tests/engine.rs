@@ -43,6 +43,7 @@ fn fleet(hosts: Vec<HostSpec>, vms: Vec<VmSpec>, duration_s: f64) -> Fleet {
         cloudsim_ram: false,
         cloudsim_engine: false,
         spread_initial: false,
+        initial_placement: Default::default(),
     }
 }
 
@@ -383,4 +384,42 @@ fn cloudsim_engine_runs_both_moves_of_a_vm_planned_twice() {
         plain.slatah
     );
     assert!(both.energy_kwh > plain.energy_kwh);
+}
+
+/// Under a placement by demand at t = 0, loads that rise later over-commit the packed hosts:
+/// `none` leaves the contention, `drs` must move VMs off the hosts that cannot serve them.
+#[test]
+fn drs_relieves_contention_of_a_placement_by_demand() {
+    let d = tempfile::tempdir().unwrap();
+    for i in 0..40 {
+        let mut f = std::fs::File::create(d.path().join(format!("vm{i:02}"))).unwrap();
+        for k in 0..288 {
+            // 10 % at the start, rising to 70-90 % by mid-day.
+            let v = 10 + (k.min(144) * (60 + (i % 3) * 10)) / 144;
+            writeln!(f, "{v}").unwrap();
+        }
+    }
+    let traces = tern_sim::trace::read_trace_dir(d.path()).unwrap();
+    let mut f = Fleet::planetlab(traces, &[], 40).unwrap();
+    f.initial_placement = tern_sim::fleet::InitialPlacement::Demand;
+    let none = run(&f, policy::by_name("none").unwrap().as_mut());
+    let drs = run(&f, policy::by_name("drs").unwrap().as_mut());
+    assert!(none.contention_unmet > 0.01, "{}", none.contention_unmet);
+    assert!(
+        drs.unmet_demand < none.unmet_demand / 2.0,
+        "{} vs {}",
+        drs.unmet_demand,
+        none.unmet_demand
+    );
+    assert!(
+        drs.mean_imbalance < none.mean_imbalance,
+        "{} vs {}",
+        drs.mean_imbalance,
+        none.mean_imbalance
+    );
+    assert!(drs.migrations > 0 && drs.peak_ram_ratio <= 1.0);
+    // The full-size placement leaves nothing to relieve.
+    f.initial_placement = tern_sim::fleet::InitialPlacement::Full;
+    let full = run(&f, policy::by_name("none").unwrap().as_mut());
+    assert_eq!(full.contention_unmet, 0.0);
 }

@@ -45,6 +45,12 @@ pub struct SimArgs {
     /// CloudSim's engine does. Needed to reproduce published numbers.
     #[arg(long)]
     cloudsim_compat: bool,
+    /// Starting placement for none, drs and drs+dpm (lr-mmt places by itself): `full`
+    /// reserves each VM's full MIPS (no host is ever over-committed); `demand` sizes each VM
+    /// by its demand at t = 0 x 1.2, best fit decreasing, memory always respected, so hosts
+    /// drift into contention as loads rise.
+    #[arg(long, default_value = "full", value_parser = ["full", "demand"])]
+    initial_placement: String,
     /// No progress bar.
     #[arg(long)]
     quiet: bool,
@@ -54,6 +60,7 @@ pub fn run(args: SimArgs) -> anyhow::Result<()> {
     let mut fleet = build_fleet(&args)?;
     fleet.cloudsim_ram = args.cloudsim_compat;
     fleet.cloudsim_engine = args.cloudsim_compat;
+    fleet.initial_placement = args.initial_placement.parse().map_err(anyhow::Error::msg)?;
     let mut policy = tern_sim::policy::by_name(&args.policy).with_context(|| {
         format!(
             "unknown policy {:?} (none, drs, drs+dpm, lr-mmt)",

@@ -158,6 +158,9 @@ pub fn pabfd_initial(c: &Cluster) -> Vec<Option<usize>> {
 /// load: this fills the most power-efficient hosts first, never beyond their MIPS.
 /// (CloudSim's rule above instead spreads one VM per host, which no operator would do.)
 pub fn packed_initial(c: &Cluster) -> Vec<Option<usize>> {
+    if c.fleet.initial_placement == crate::fleet::InitialPlacement::Demand {
+        return crate::policy::initial::demand_initial(c);
+    }
     best_fit_initial(c, false)
 }
 

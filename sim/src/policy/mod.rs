@@ -2,6 +2,7 @@
 use crate::cluster::Cluster;
 
 pub mod drs;
+pub mod initial;
 pub mod lrmmt;
 pub mod none;
 pub mod plan;
