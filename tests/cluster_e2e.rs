@@ -29,6 +29,11 @@ fn cluster_vm_migrates_live_with_raft_gated_switchover() {
         "alice",
     ]);
     c.wait_guest_progress("web", 1);
+    // Let the guest touch a few MiB first, so the migration has real memory to move.
+    wait_for("web to write 4 MiB", Duration::from_secs(30), || {
+        c.guest("web", 1)
+            .filter(|g| g["status"]["pages_written"].as_u64() >= Some(1024))
+    });
     // Only its owner runs it.
     assert!(c.guest("web", 2).is_none() && c.guest("web", 3).is_none());
 
