@@ -25,17 +25,7 @@ impl Policy for LrMmt {
     }
 
     fn restart(&mut self, c: &Cluster, vms: &[usize]) -> Vec<Option<usize>> {
-        let mut plan = Plan::new(c);
-        let none = vec![false; c.hosts.len()];
-        vms.iter()
-            .map(|&v| {
-                let h = plan.find_host(v, &none);
-                if let Some(h) = h {
-                    plan.create(h, v);
-                }
-                h
-            })
-            .collect()
+        restart_pabfd(c, vms)
     }
 
     fn evacuate(&mut self, c: &Cluster, h: usize) -> Vec<Move> {
@@ -184,6 +174,21 @@ fn best_fit_initial(c: &Cluster, rate_planned_load: bool) -> Vec<Option<usize>> 
 }
 
 /// Moves every VM off `h` with power-aware best fit.
+/// Place VMs of a failed host again, one after the other, power-aware best fit.
+pub fn restart_pabfd(c: &Cluster, vms: &[usize]) -> Vec<Option<usize>> {
+    let mut plan = Plan::new(c);
+    let no_exclusions = vec![false; c.hosts.len()];
+    vms.iter()
+        .map(|&v| {
+            let h = plan.find_host(v, &no_exclusions);
+            if let Some(h) = h {
+                plan.create(h, v);
+            }
+            h
+        })
+        .collect()
+}
+
 pub fn evacuate_pabfd(c: &Cluster, h: usize) -> Vec<Move> {
     let mut plan = Plan::new(c);
     let mut excluded = vec![false; c.hosts.len()];

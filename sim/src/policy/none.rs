@@ -1,7 +1,6 @@
 //! No management: the initial placement stays as it is.
 use crate::cluster::Cluster;
-use crate::policy::lrmmt::packed_initial;
-use crate::policy::plan::Plan;
+use crate::policy::lrmmt::{packed_initial, restart_pabfd};
 use crate::policy::{Move, Policy};
 
 pub struct NoMigration;
@@ -14,17 +13,7 @@ impl Policy for NoMigration {
         packed_initial(c)
     }
     fn restart(&mut self, c: &Cluster, vms: &[usize]) -> Vec<Option<usize>> {
-        let mut plan = Plan::new(c);
-        let none = vec![false; c.hosts.len()];
-        vms.iter()
-            .map(|&v| {
-                let h = plan.find_host(v, &none);
-                if let Some(h) = h {
-                    plan.create(h, v);
-                }
-                h
-            })
-            .collect()
+        restart_pabfd(c, vms)
     }
     fn evacuate(&mut self, c: &Cluster, h: usize) -> Vec<Move> {
         crate::policy::lrmmt::evacuate_pabfd(c, h)
