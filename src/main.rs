@@ -5,7 +5,6 @@
 #![forbid(unsafe_code)]
 
 mod cmd;
-mod node;
 
 use clap::{Parser, Subcommand};
 

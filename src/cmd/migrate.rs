@@ -8,7 +8,7 @@ use tern_consensus::state::{MigrationTask, TaskId, TaskState};
 use tern_consensus::ClusterState;
 
 use super::cluster::{get, post, ServerArg};
-use crate::node::cron::format_time;
+use tern_node::cron::format_time;
 
 #[derive(Clone, Copy, ValueEnum)]
 pub enum Priority {
@@ -151,7 +151,7 @@ pub fn run_migrate(a: MigrateArgs) -> anyhow::Result<()> {
 }
 
 fn schedule(a: &MigrateArgs, to: u64) -> anyhow::Result<()> {
-    use crate::node::cron::{parse_time, When};
+    use tern_node::cron::{parse_time, When};
     let now = now_ms();
     let cron = match (&a.at, &a.cron) {
         (Some(at), _) => format!("@at {}", parse_time(at, now).map_err(anyhow::Error::msg)?),
@@ -316,8 +316,7 @@ fn parse_since(s: &str, now_ms: u64) -> anyhow::Result<u64> {
         return Ok(ms);
     }
     if s.contains('T') {
-        return crate::node::cron::parse_time(s, now_ms)
-            .map_err(|e| anyhow::anyhow!("--since: {e}"));
+        return tern_node::cron::parse_time(s, now_ms).map_err(|e| anyhow::anyhow!("--since: {e}"));
     }
     let ago = super::vm::parse_duration(s)
         .context("--since: use 2026-11-24T22:00:00Z, a duration ago like 10m, or unix ms")?;

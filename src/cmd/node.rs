@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use clap::Args;
 use tern_consensus::RaftOptions;
 
-use crate::node::{serve, NodeConfig};
+use tern_node::{serve, NodeConfig};
 
 #[derive(Args)]
 pub struct NodeArgs {

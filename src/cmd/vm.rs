@@ -62,25 +62,7 @@ pub fn run(args: VmArgs) -> anyhow::Result<()> {
     }
 }
 
-/// Parses `10s`, `500ms`, `2m`, `1h` or plain seconds.
-pub fn parse_duration(s: &str) -> anyhow::Result<Duration> {
-    let s = s.trim();
-    let split = s
-        .find(|c: char| !c.is_ascii_digit() && c != '.')
-        .unwrap_or(s.len());
-    let (num, unit) = s.split_at(split);
-    let n: f64 = num
-        .parse()
-        .with_context(|| format!("{s:?} is not a duration (e.g. 10s)"))?;
-    let secs = match unit {
-        "" | "s" => n,
-        "ms" => n / 1000.0,
-        "m" => n * 60.0,
-        "h" => n * 3600.0,
-        _ => bail!("{s:?} has unknown unit {unit:?} (use ms, s, m, h)"),
-    };
-    Duration::try_from_secs_f64(secs).with_context(|| format!("{s:?} is not a valid duration"))
-}
+pub use tern_node::cron::parse_duration;
 
 /// Validates the arguments and boots a VM running the workload.
 pub fn start_vm(args: &RunArgs) -> anyhow::Result<(Vm, Workload)> {

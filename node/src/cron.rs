@@ -1,6 +1,9 @@
 //! Five-field cron expressions (minute hour day-of-month month day-of-week, UTC) and the
 //! one-shot `@at UNIX_MS` form, evaluated per minute.
 use std::collections::BTreeSet;
+use std::time::Duration;
+
+use anyhow::Context;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum When {
@@ -146,7 +149,7 @@ pub fn format_time(ms: u64) -> String {
 pub fn parse_time(s: &str, now_ms: u64) -> Result<u64, String> {
     let s = s.trim();
     if let Some(rel) = s.strip_prefix('+') {
-        let d = crate::cmd::vm::parse_duration(rel).map_err(|e| e.to_string())?;
+        let d = parse_duration(rel).map_err(|e| e.to_string())?;
         return Ok(now_ms + d.as_millis() as u64);
     }
     if let Ok(n) = s.parse::<u64>() {
@@ -191,6 +194,26 @@ pub fn parse_time(s: &str, now_ms: u64) -> Result<u64, String> {
     u64::try_from(secs * 1000)
         .map(|ms| ms + frac_ms)
         .map_err(|_| bad())
+}
+
+/// Parses `10s`, `500ms`, `2m`, `1h` or plain seconds.
+pub fn parse_duration(s: &str) -> anyhow::Result<Duration> {
+    let s = s.trim();
+    let split = s
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: f64 = num
+        .parse()
+        .with_context(|| format!("{s:?} is not a duration (e.g. 10s)"))?;
+    let secs = match unit {
+        "" | "s" => n,
+        "ms" => n / 1000.0,
+        "m" => n * 60.0,
+        "h" => n * 3600.0,
+        _ => anyhow::bail!("{s:?} has unknown unit {unit:?} (use ms, s, m, h)"),
+    };
+    Duration::try_from_secs_f64(secs).with_context(|| format!("{s:?} is not a valid duration"))
 }
 
 #[cfg(test)]

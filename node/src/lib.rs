@@ -1,4 +1,5 @@
-//! The `tern node` daemon: a Raft member plus its HTTP API.
+//! tern-node: the host agent (`tern node`): a Raft member plus its HTTP API, this host's VMs,
+//! the migration executor, and on the leader the DRS, maintenance and schedule loops.
 pub mod api;
 pub mod controller;
 pub mod cron;
