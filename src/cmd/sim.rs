@@ -20,7 +20,8 @@ pub struct SimArgs {
     /// Fleet described in a TOML file.
     #[arg(long, conflicts_with = "synthetic")]
     config: Option<PathBuf>,
-    /// none | drs | drs+dpm | lr-mmt
+    /// none | drs | drs+dpm | npa | dvfs | DETECTOR-SELECTOR with DETECTOR thr, iqr, mad,
+    /// lr or lrr and SELECTOR mmt, mc or rs (Beloglazov & Buyya 2012; lr-mmt is the baseline)
     #[arg(long, default_value = "lr-mmt")]
     policy: String,
     #[arg(long, default_value_t = 800)]
@@ -61,12 +62,14 @@ pub fn run(args: SimArgs) -> anyhow::Result<()> {
     fleet.cloudsim_ram = args.cloudsim_compat;
     fleet.cloudsim_engine = args.cloudsim_compat;
     fleet.initial_placement = args.initial_placement.parse().map_err(anyhow::Error::msg)?;
-    let mut policy = tern_sim::policy::by_name(&args.policy).with_context(|| {
-        format!(
-            "unknown policy {:?} (none, drs, drs+dpm, lr-mmt)",
-            args.policy
-        )
-    })?;
+    let mut policy =
+        tern_sim::policy::by_name_seeded(&args.policy, args.seed).with_context(|| {
+            format!(
+                "unknown policy {:?} ({})",
+                args.policy,
+                tern_sim::policy::names().join(", ")
+            )
+        })?;
     let ticks = (fleet.duration_s / fleet.interval_s) as u64;
     let bar = if args.quiet || ticks < 500 {
         indicatif::ProgressBar::hidden()
