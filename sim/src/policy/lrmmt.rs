@@ -112,8 +112,7 @@ impl Policy for Consolidation {
         // 2. Select VMs until each is no longer overloaded.
         let mut to_move = Vec::new();
         for &h in &over {
-            loop {
-                let Some(v) = self.pick(&plan, h) else { break };
+            while let Some(v) = self.pick(&plan, h) {
                 to_move.push(v);
                 plan.destroy(h, v);
                 if !plan.overloaded(h, None) {
