@@ -148,6 +148,17 @@ static void bad_word(const char *what, const char *w, int n)
 
 static u64 wss_bytes = 64ULL << 20;
 
+/* content=random|compressible (ABI.md, "Page contents"). */
+static void parse_content(const char *v, int vn, const char *w, int n)
+{
+    if (streq(v, "random", vn))
+        cfg.content = CONTENT_RANDOM;
+    else if (streq(v, "compressible", vn))
+        cfg.content = CONTENT_COMPRESSIBLE;
+    else
+        bad_word("command line: bad content (random, compressible): ", w, n);
+}
+
 static void parse_cmdline(void)
 {
     const char *p = cmdline;
@@ -156,6 +167,7 @@ static void parse_cmdline(void)
     cfg.duty = 100;
     cfg.seed = 1;
     cfg.pattern = PATTERN_SEQ;
+    cfg.content = CONTENT_RANDOM;
     while (*p) {
         while (*p == ' ' || *p == '\t')
             p++;
@@ -204,6 +216,8 @@ static void parse_cmdline(void)
                 cfg.pattern = PATTERN_ONCE;
             else
                 bad_word("command line: bad pattern (seq, random, hotcold, once): ", w, n);
+        } else if (streq(w, "content", eq)) {
+            parse_content(v, vn, w, n);
         } else {
             bad_word("command line: unknown key in ", w, n);
         }
