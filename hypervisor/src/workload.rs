@@ -1,5 +1,6 @@
 //! The test guest's workload: parsed from `wss=256M,rate=50000,pattern=random,duty=30` and
 //! rendered into the guest command line of ABI.md (the same words, space-separated).
+use crate::disk_workload::DiskWorkload;
 use crate::error::{Error, Result};
 use serde::{Deserialize, Serialize};
 use std::fmt;
@@ -75,6 +76,9 @@ pub struct Workload {
     /// Page contents; the default (random) is incompressible.
     #[serde(default)]
     pub content: Content,
+    /// The disk workload (`disk=64M,iops=2000,...`); off by default.
+    #[serde(default)]
+    pub disk: DiskWorkload,
 }
 
 impl Default for Workload {
@@ -86,6 +90,7 @@ impl Default for Workload {
             duty: 100,
             seed: 1,
             content: Content::Random,
+            disk: DiskWorkload::default(),
         }
     }
 }
@@ -164,13 +169,15 @@ impl FromStr for Workload {
                     }
                 }
                 "content" => w.content = value.parse()?,
+                k if w.disk.parse_key(k, value)? => {}
                 _ => {
                     return Err(Error::Workload(format!(
-                        "unknown key {key:?} (known: wss, rate, pattern, duty, seed, content)"
+                        "unknown key {key:?} (known: wss, rate, pattern, duty, seed, content, disk, iops, dio, dflush)"
                     )))
                 }
             }
         }
+        w.disk.validate()?;
         if w.wss == 0 || w.wss % 4096 != 0 {
             return Err(Error::Workload(format!(
                 "wss={} must be a non-zero multiple of 4K",
@@ -184,12 +191,20 @@ impl FromStr for Workload {
 impl Workload {
     /// The guest command line (ABI.md): space-separated `key=value` words.
     pub fn cmdline(&self) -> String {
-        self.to_string().replace(',', " ")
+        format!(
+            "wss={} rate={} pattern={} duty={} seed={}{}{}",
+            format_size(self.wss),
+            self.rate,
+            self.pattern,
+            self.duty,
+            self.seed,
+            self.content_word().replace(',', " "),
+            self.disk.to_string().replace(',', " ")
+        )
     }
 
-    /// The words after the fixed ones: only options that differ from their default, so
-    /// today's command lines stay as they were.
-    fn optional_words(&self) -> String {
+    /// `,content=...` when not the default, so today's command lines stay as they were.
+    fn content_word(&self) -> String {
         match self.content {
             Content::Random => String::new(),
             c => format!(",content={c}"),
@@ -208,13 +223,14 @@ impl fmt::Display for Workload {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "wss={},rate={},pattern={},duty={},seed={}{}",
+            "wss={},rate={},pattern={},duty={},seed={}{}{}",
             format_size(self.wss),
             self.rate,
             self.pattern,
             self.duty,
             self.seed,
-            self.optional_words()
+            self.content_word(),
+            self.disk
         )
     }
 }
@@ -238,6 +254,18 @@ mod tests {
             "wss=256M rate=50000 pattern=random duty=30 seed=1"
         );
         assert_eq!(w.to_string().parse::<Workload>().unwrap(), w);
+    }
+
+    #[test]
+    fn disk_keys_round_trip() {
+        let w: Workload = "wss=8M,disk=64M,iops=2000".parse().unwrap();
+        assert_eq!(w.disk.bytes, 64 << 20);
+        assert_eq!(
+            w.cmdline(),
+            "wss=8M rate=0 pattern=seq duty=100 seed=1 disk=64M iops=2000 dio=random dflush=16"
+        );
+        assert_eq!(w.to_string().parse::<Workload>().unwrap(), w);
+        assert!("disk=3G".parse::<Workload>().is_err());
     }
 
     #[test]
@@ -282,7 +310,7 @@ mod tests {
         fn display_round_trips(pages in 1u64..1_000_000, rate in 0u64..10_000_000, duty in 1u8..=100, seed: u64, p in 0..4, compressible: bool) {
             let pattern = [Pattern::Seq, Pattern::Random, Pattern::Hotcold, Pattern::Once][p as usize];
             let content = if compressible { Content::Compressible } else { Content::Random };
-            let w = Workload { wss: pages * 4096, rate, pattern, duty, seed, content };
+            let w = Workload { wss: pages * 4096, rate, pattern, duty, seed, content, disk: DiskWorkload::default() };
             prop_assert_eq!(w.to_string().parse::<Workload>().unwrap(), w);
         }
     }
