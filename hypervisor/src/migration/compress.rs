@@ -230,7 +230,6 @@ pub struct BatchDecoder {
     out: Vec<u8>,
 }
 
-
 impl BatchDecoder {
     /// The `Pages` payload inside a `ZPages` payload.
     pub fn decode(&mut self, payload: &[u8]) -> Result<&[u8], MigrationError> {
