@@ -15,6 +15,7 @@ pub mod signals;
 pub mod state;
 pub mod status;
 pub mod vm;
+pub mod vmm;
 pub mod workload;
 
 pub use cpu::CpuFeatures;
