@@ -4,6 +4,7 @@
 //!
 //! Entry point: [`Vm`]. See docs/hypervisor.md for the API tour.
 pub mod cpu;
+pub mod devices;
 pub mod error;
 pub mod guest_image;
 mod kick;
