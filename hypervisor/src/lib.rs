@@ -18,6 +18,7 @@ pub mod state;
 pub mod status;
 pub mod uffd;
 pub mod vm;
+pub mod vmm;
 pub mod workload;
 
 pub use cpu::CpuFeatures;
