@@ -25,4 +25,4 @@ pub use memory::{GuestMemory, PAGE_SIZE};
 pub use state::{VcpuState, VmState, STATE_VERSION};
 pub use status::{DiskStatus, GuestState, GuestStatus, STATUS_ADDR};
 pub use vm::{RunState, Vm, VmConfig, THROTTLE_WINDOW};
-pub use workload::{Pattern, Workload};
+pub use workload::{Content, Pattern, Workload};
