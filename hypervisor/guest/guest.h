@@ -31,7 +31,16 @@ struct status {
     u64 first_mismatch;
     u32 vcpus;
     u32 reserved;
-    u8 pad[0x100 - 0x60];
+    /* The disk workload (ABI.md "Disk"), appended in ABI version 1. */
+    u64 disk_written;        /* 4 KiB blocks written */
+    u64 disk_verified;       /* blocks read back and verified (at boot and after flushes) */
+    u64 disk_mismatches;
+    u64 disk_io_errors;      /* requests the device failed */
+    u64 disk_flushed_gen;    /* last generation whose blocks and table are flushed */
+    u64 disk_boot_verified;  /* blocks of a previous boot verified at this boot */
+    u64 disk_first_mismatch; /* data block index, ~0 if none */
+    u64 disk_blocks;         /* data blocks the workload uses, 0 = no disk workload */
+    u8 pad[0x100 - 0xa0];
     char message[256];
 };
 

@@ -1,5 +1,6 @@
 //! The test guest's workload: parsed from `wss=256M,rate=50000,pattern=random,duty=30` and
 //! rendered into the guest command line of ABI.md (the same words, space-separated).
+use crate::disk_workload::DiskWorkload;
 use crate::error::{Error, Result};
 use serde::{Deserialize, Serialize};
 use std::fmt;
@@ -38,6 +39,9 @@ pub struct Workload {
     /// Busy percentage 1..=100.
     pub duty: u8,
     pub seed: u64,
+    /// The disk workload (`disk=64M,iops=2000,...`); off by default.
+    #[serde(default)]
+    pub disk: DiskWorkload,
 }
 
 impl Default for Workload {
@@ -48,6 +52,7 @@ impl Default for Workload {
             pattern: Pattern::Seq,
             duty: 100,
             seed: 1,
+            disk: DiskWorkload::default(),
         }
     }
 }
@@ -125,13 +130,15 @@ impl FromStr for Workload {
                         }
                     }
                 }
+                k if w.disk.parse_key(k, value)? => {}
                 _ => {
                     return Err(Error::Workload(format!(
-                        "unknown key {key:?} (known: wss, rate, pattern, duty, seed)"
+                        "unknown key {key:?} (known: wss, rate, pattern, duty, seed, disk, iops, dio, dflush)"
                     )))
                 }
             }
         }
+        w.disk.validate()?;
         if w.wss == 0 || w.wss % 4096 != 0 {
             return Err(Error::Workload(format!(
                 "wss={} must be a non-zero multiple of 4K",
@@ -146,12 +153,13 @@ impl Workload {
     /// The guest command line (ABI.md): space-separated `key=value` words.
     pub fn cmdline(&self) -> String {
         format!(
-            "wss={} rate={} pattern={} duty={} seed={}",
+            "wss={} rate={} pattern={} duty={} seed={}{}",
             format_size(self.wss),
             self.rate,
             self.pattern,
             self.duty,
-            self.seed
+            self.seed,
+            self.disk.to_string().replace(',', " ")
         )
     }
 
@@ -167,12 +175,13 @@ impl fmt::Display for Workload {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "wss={},rate={},pattern={},duty={},seed={}",
+            "wss={},rate={},pattern={},duty={},seed={}{}",
             format_size(self.wss),
             self.rate,
             self.pattern,
             self.duty,
-            self.seed
+            self.seed,
+            self.disk
         )
     }
 }
@@ -196,6 +205,18 @@ mod tests {
             "wss=256M rate=50000 pattern=random duty=30 seed=1"
         );
         assert_eq!(w.to_string().parse::<Workload>().unwrap(), w);
+    }
+
+    #[test]
+    fn disk_keys_round_trip() {
+        let w: Workload = "wss=8M,disk=64M,iops=2000".parse().unwrap();
+        assert_eq!(w.disk.bytes, 64 << 20);
+        assert_eq!(
+            w.cmdline(),
+            "wss=8M rate=0 pattern=seq duty=100 seed=1 disk=64M iops=2000 dio=random dflush=16"
+        );
+        assert_eq!(w.to_string().parse::<Workload>().unwrap(), w);
+        assert!("disk=3G".parse::<Workload>().is_err());
     }
 
     #[test]
@@ -225,7 +246,7 @@ mod tests {
         #[test]
         fn display_round_trips(pages in 1u64..1_000_000, rate in 0u64..10_000_000, duty in 1u8..=100, seed: u64, p in 0..4) {
             let pattern = [Pattern::Seq, Pattern::Random, Pattern::Hotcold, Pattern::Once][p as usize];
-            let w = Workload { wss: pages * 4096, rate, pattern, duty, seed };
+            let w = Workload { wss: pages * 4096, rate, pattern, duty, seed, disk: DiskWorkload::default() };
             prop_assert_eq!(w.to_string().parse::<Workload>().unwrap(), w);
         }
     }

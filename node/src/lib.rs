@@ -1,18 +1,34 @@
 //! tern-node: the host agent (`tern node`): a Raft member plus its HTTP API, this host's VMs,
 //! the migration executor, and on the leader the DRS, maintenance and schedule loops.
+//!
+//! Module map (docs/architecture.md has the picture): `api` is the HTTP edge and nothing else
+//! imports it; services (`vms`, `migrations`, `maintenance`, `drs`, `schedules`, `members`,
+//! `load`) hold the logic the handlers and the leader's `controller` loop call; `cluster` is the
+//! client everything uses to commit and read through the leader. No two modules import each
+//! other (checked by `layout_tests`).
 pub mod api;
+pub mod cluster;
 pub mod controller;
 pub mod cron;
 pub mod datastore;
+pub mod drs;
+pub mod error;
 pub mod host;
 mod host_info;
 pub mod inbound;
+#[cfg(test)]
+mod layout_tests;
+pub mod leader_state;
 pub mod load;
+pub mod maintenance;
+pub mod members;
 mod metrics;
+pub mod migrations;
 pub mod outbound;
 pub mod queue_view;
 pub mod sched_view;
-pub mod vm_api;
+pub mod schedules;
+pub mod vms;
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -55,18 +71,18 @@ pub async fn serve(cfg: NodeConfig) -> anyhow::Result<()> {
         .await
         .context("opening raft")?;
     let prometheus = metrics::install(&node)?;
-    let state = api::ApiState::new(node.clone(), prometheus)?;
+    let cluster = cluster::Cluster::new(node.clone())?;
     let datastore = match &cfg.datastore {
         Some(d) => Some(datastore::Datastore::open(d)?),
         None => None,
     };
     let ip = listener.local_addr()?.ip().to_string();
-    let ctx = host::HostCtx::new(cfg.id, state.clone(), node.clone(), datastore, ip);
+    let ctx = host::HostCtx::new(cfg.id, cluster.clone(), node.clone(), datastore, ip);
     ctx.migrate_bandwidth.store(
         cfg.migrate_bandwidth_mib.saturating_mul(1 << 20),
         std::sync::atomic::Ordering::Relaxed,
     );
-    let router = api::router(state.clone()).merge(vm_api::router(ctx.clone()));
+    let router = api::router(ctx.clone(), prometheus);
     let server = tokio::spawn(async move { axum::serve(listener, router).await });
     tracing::info!(id = cfg.id, %addr, "node listening");
     println!("tern node {} listening on {bound}", cfg.id);
@@ -78,7 +94,7 @@ pub async fn serve(cfg: NodeConfig) -> anyhow::Result<()> {
         let Some(seed) = cfg.join.clone() else {
             anyhow::bail!("a new node needs --bootstrap or --join ADDR");
         };
-        tokio::spawn(join_loop(state.clone(), seed, cfg.id, addr.clone()));
+        tokio::spawn(join_loop(cluster.clone(), seed, cfg.id, addr.clone()));
     }
     let mut info = host_info::probe();
     if let Some(m) = cfg.capacity_memory_mib {
@@ -87,7 +103,7 @@ pub async fn serve(cfg: NodeConfig) -> anyhow::Result<()> {
     if let Some(c) = cfg.capacity_cpus {
         info.capacity.cpus = c;
     }
-    tokio::spawn(register_loop(state, cfg.id, addr, info));
+    tokio::spawn(register_loop(cluster, cfg.id, addr, info));
     tokio::spawn(host::reconcile_loop(ctx.clone()));
     tokio::spawn(outbound::executor_loop(ctx.clone()));
     tokio::spawn(controller::controller_loop(ctx.clone()));
@@ -102,10 +118,10 @@ pub async fn serve(cfg: NodeConfig) -> anyhow::Result<()> {
 }
 
 /// Ask the seed (forwarded to the leader) to add us as learner then voter, until it works.
-async fn join_loop(state: api::ApiState, seed: String, id: u64, addr: String) {
-    let body = api::JoinBody { id, addr };
+async fn join_loop(cluster: cluster::Cluster, seed: String, id: u64, addr: String) {
+    let body = members::JoinBody { id, addr };
     loop {
-        match state
+        match cluster
             .post_json::<_, serde_json::Value>(&seed, "/v1/members/join", &body, false)
             .await
         {
@@ -117,7 +133,12 @@ async fn join_loop(state: api::ApiState, seed: String, id: u64, addr: String) {
 }
 
 /// Record this host (address, capacity, CPU features) in the cluster state, until committed.
-async fn register_loop(state: api::ApiState, id: u64, addr: String, info: host_info::HostInfo) {
+async fn register_loop(
+    cluster: cluster::Cluster,
+    id: u64,
+    addr: String,
+    info: host_info::HostInfo,
+) {
     let command = Command::RegisterHost {
         id,
         address: addr,
@@ -125,7 +146,7 @@ async fn register_loop(state: api::ApiState, id: u64, addr: String, info: host_i
         cpu_features: info.cpu_features,
     };
     loop {
-        match state
+        match cluster
             .propose(format!("host/{id}"), None, command.clone(), false)
             .await
         {
