@@ -71,7 +71,10 @@ fn guest(path: &Path, c: &Case, secs: u64) -> f64 {
     let disk = |vm: &Vm| vm.guest_status().map(|s| s.disk).unwrap_or_default();
     let start = Instant::now();
     while disk(&vm).flushed_gen < 2 {
-        assert!(start.elapsed() < Duration::from_secs(120), "guest made no disk progress");
+        assert!(
+            start.elapsed() < Duration::from_secs(120),
+            "guest made no disk progress"
+        );
         std::thread::sleep(Duration::from_millis(5));
     }
     let (d0, t0) = (disk(&vm), Instant::now());
@@ -79,7 +82,11 @@ fn guest(path: &Path, c: &Case, secs: u64) -> f64 {
     let (d1, t1) = (disk(&vm), Instant::now());
     vm.pause().expect("pause");
     vm.shutdown();
-    assert_eq!((d1.mismatches, d1.io_errors), (0, 0), "guest disk errors: {d1:?}");
+    assert_eq!(
+        (d1.mismatches, d1.io_errors),
+        (0, 0),
+        "guest disk errors: {d1:?}"
+    );
     (d1.written - d0.written) as f64 / (t1 - t0).as_secs_f64()
 }
 
@@ -110,7 +117,11 @@ fn splitmix(x: u64) -> u64 {
 /// Host: the guest's flush cycles, done by this process on the same file with pwrite,
 /// fdatasync and pread. Blocks written per second.
 fn host(path: &Path, c: &Case, secs: u64) -> f64 {
-    let f: File = OpenOptions::new().read(true).write(true).open(path).expect("open image");
+    let f: File = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .expect("open image");
     let total = DISK / 4096;
     let table = (total + 1023) / 1025;
     let data = total - 1 - table;
@@ -125,7 +136,11 @@ fn host(path: &Path, c: &Case, secs: u64) -> f64 {
         for _ in 0..c.flush_every {
             let first = if c.throughput {
                 let f0 = seq;
-                seq = if f0 + per_req >= data { 0 } else { f0 + per_req };
+                seq = if f0 + per_req >= data {
+                    0
+                } else {
+                    f0 + per_req
+                };
                 f0
             } else {
                 prng ^= prng << 13;
@@ -196,7 +211,8 @@ fn main() {
         }
         let scale = |v: &mut Vec<f64>| {
             if c.throughput {
-                v.iter_mut().for_each(|x| *x = *x * 4096.0 / f64::from(1 << 20));
+                v.iter_mut()
+                    .for_each(|x| *x = *x * 4096.0 / f64::from(1 << 20));
             }
         };
         scale(&mut g);
