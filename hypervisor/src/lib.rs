@@ -16,6 +16,7 @@ pub mod serial;
 pub mod signals;
 pub mod state;
 pub mod status;
+pub mod uffd;
 pub mod vm;
 pub mod vmm;
 pub mod workload;
