@@ -103,8 +103,12 @@ fn draw_err(e: impl std::fmt::Display) -> String {
 }
 
 fn fmt(x: f64) -> String {
-    if x != 0.0 && x.abs() < 0.01 {
+    if x.fract() == 0.0 && x.abs() < 1e15 {
+        format!("{x:.0}")
+    } else if x.abs() < 0.01 {
         format!("{x:.3e}")
+    } else if x.abs() < 1.0 {
+        format!("{x:.4}")
     } else {
         format!("{x:.2}")
     }
