@@ -47,6 +47,7 @@ struct status {
 #define STATUS ((volatile struct status *)STATUS_ADDR)
 
 enum pattern { PATTERN_SEQ, PATTERN_RANDOM, PATTERN_HOTCOLD, PATTERN_ONCE };
+enum content { CONTENT_RANDOM, CONTENT_COMPRESSIBLE };
 
 /* What the ring-0 stub hands to the workload (read-only once the workload runs). */
 struct config {
@@ -58,6 +59,7 @@ struct config {
     u32 pattern;
     u32 ncpus;
     u32 *gen;       /* generation per working-set page */
+    u32 content;    /* enum content */
 };
 
 extern struct config cfg;
@@ -83,6 +85,13 @@ static inline u64 splitmix64(u64 x)
 static inline u64 page_word(u64 i, u64 g, u64 w)
 {
     return splitmix64((i << 32) ^ (g << 8) ^ w);
+}
+
+/* Word w of page i at generation g under content=compressible: every fourth word as
+ * page_word, the other three the generation (ABI.md, "Page contents"). */
+static inline u64 compressible_word(u64 i, u64 g, u64 w)
+{
+    return (w & 3) ? g : page_word(i, g, w);
 }
 
 #endif

@@ -149,6 +149,17 @@ static void bad_word(const char *what, const char *w, int n)
 
 static u64 wss_bytes = 64ULL << 20;
 
+/* content=random|compressible (ABI.md, "Page contents"). */
+static void parse_content(const char *v, int vn, const char *w, int n)
+{
+    if (streq(v, "random", vn))
+        cfg.content = CONTENT_RANDOM;
+    else if (streq(v, "compressible", vn))
+        cfg.content = CONTENT_COMPRESSIBLE;
+    else
+        bad_word("command line: bad content (random, compressible): ", w, n);
+}
+
 /* 0x-prefixed hexadecimal; 0 on success. */
 static int parse_hex(const char *s, int n, u64 *out)
 {
@@ -229,6 +240,7 @@ static void parse_cmdline(void)
     cfg.duty = 100;
     cfg.seed = 1;
     cfg.pattern = PATTERN_SEQ;
+    cfg.content = CONTENT_RANDOM;
     dcfg.flush_every = 16;
     while (*p) {
         while (*p == ' ' || *p == '\t')
@@ -278,6 +290,8 @@ static void parse_cmdline(void)
                 cfg.pattern = PATTERN_ONCE;
             else
                 bad_word("command line: bad pattern (seq, random, hotcold, once): ", w, n);
+        } else if (streq(w, "content", eq)) {
+            parse_content(v, vn, w, n);
         } else if (!parse_disk_key(w, eq, v, vn, n)) {
             bad_word("command line: unknown key in ", w, n);
         }

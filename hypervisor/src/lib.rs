@@ -16,7 +16,9 @@ pub mod serial;
 pub mod signals;
 pub mod state;
 pub mod status;
+pub mod uffd;
 pub mod vm;
+pub mod vmm;
 pub mod workload;
 
 pub use cpu::CpuFeatures;
@@ -25,4 +27,4 @@ pub use memory::{GuestMemory, PAGE_SIZE};
 pub use state::{VcpuState, VmState, STATE_VERSION};
 pub use status::{DiskStatus, GuestState, GuestStatus, STATUS_ADDR};
 pub use vm::{RunState, Vm, VmConfig, THROTTLE_WINDOW};
-pub use workload::{Pattern, Workload};
+pub use workload::{Content, Pattern, Workload};

@@ -28,6 +28,40 @@ impl fmt::Display for Pattern {
     }
 }
 
+/// What the guest writes into a page (ABI.md "Page contents").
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Content {
+    /// Every word pseudo-random from (page, generation, word): zstd cannot shrink it.
+    #[default]
+    Random,
+    /// One word in four pseudo-random, the others the generation: zstd shrinks it ~3.5x.
+    Compressible,
+}
+
+impl fmt::Display for Content {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Content::Random => "random",
+            Content::Compressible => "compressible",
+        })
+    }
+}
+
+impl FromStr for Content {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "random" => Ok(Content::Random),
+            "compressible" => Ok(Content::Compressible),
+            _ => Err(Error::Workload(format!(
+                "content={s:?} is not one of random, compressible"
+            ))),
+        }
+    }
+}
+
 /// The guest workload (ABI.md "Command line").
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Workload {
@@ -39,6 +73,9 @@ pub struct Workload {
     /// Busy percentage 1..=100.
     pub duty: u8,
     pub seed: u64,
+    /// Page contents; the default (random) is incompressible.
+    #[serde(default)]
+    pub content: Content,
     /// The disk workload (`disk=64M,iops=2000,...`); off by default.
     #[serde(default)]
     pub disk: DiskWorkload,
@@ -52,6 +89,7 @@ impl Default for Workload {
             pattern: Pattern::Seq,
             duty: 100,
             seed: 1,
+            content: Content::Random,
             disk: DiskWorkload::default(),
         }
     }
@@ -130,10 +168,11 @@ impl FromStr for Workload {
                         }
                     }
                 }
+                "content" => w.content = value.parse()?,
                 k if w.disk.parse_key(k, value)? => {}
                 _ => {
                     return Err(Error::Workload(format!(
-                        "unknown key {key:?} (known: wss, rate, pattern, duty, seed, disk, iops, dio, dflush)"
+                        "unknown key {key:?} (known: wss, rate, pattern, duty, seed, content, disk, iops, dio, dflush)"
                     )))
                 }
             }
@@ -153,14 +192,23 @@ impl Workload {
     /// The guest command line (ABI.md): space-separated `key=value` words.
     pub fn cmdline(&self) -> String {
         format!(
-            "wss={} rate={} pattern={} duty={} seed={}{}",
+            "wss={} rate={} pattern={} duty={} seed={}{}{}",
             format_size(self.wss),
             self.rate,
             self.pattern,
             self.duty,
             self.seed,
+            self.content_word().replace(',', " "),
             self.disk.to_string().replace(',', " ")
         )
+    }
+
+    /// `,content=...` when not the default, so today's command lines stay as they were.
+    fn content_word(&self) -> String {
+        match self.content {
+            Content::Random => String::new(),
+            c => format!(",content={c}"),
+        }
     }
 
     /// Guest RAM this workload needs at least: working set at 16 MiB plus its generation
@@ -175,12 +223,13 @@ impl fmt::Display for Workload {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "wss={},rate={},pattern={},duty={},seed={}{}",
+            "wss={},rate={},pattern={},duty={},seed={}{}{}",
             format_size(self.wss),
             self.rate,
             self.pattern,
             self.duty,
             self.seed,
+            self.content_word(),
             self.disk
         )
     }
@@ -231,10 +280,24 @@ mod tests {
             ("rate", "key=value"),
             ("wss=100", "multiple of 4K"),
             ("wss=99999999999G", "too large"),
+            ("content=zeros", "content"),
         ] {
             let err = s.parse::<Workload>().unwrap_err().to_string();
             assert!(err.contains(needle), "{s}: {err}");
         }
+    }
+
+    #[test]
+    fn content_option_is_parsed_and_only_rendered_when_not_the_default() {
+        let w: Workload = "wss=4M,content=compressible".parse().unwrap();
+        assert_eq!(w.content, Content::Compressible);
+        assert_eq!(
+            w.cmdline(),
+            "wss=4M rate=0 pattern=seq duty=100 seed=1 content=compressible"
+        );
+        let r: Workload = "wss=4M,content=random".parse().unwrap();
+        assert_eq!(r.content, Content::Random);
+        assert_eq!(r.cmdline(), "wss=4M rate=0 pattern=seq duty=100 seed=1");
     }
 
     proptest! {
@@ -244,9 +307,10 @@ mod tests {
         }
 
         #[test]
-        fn display_round_trips(pages in 1u64..1_000_000, rate in 0u64..10_000_000, duty in 1u8..=100, seed: u64, p in 0..4) {
+        fn display_round_trips(pages in 1u64..1_000_000, rate in 0u64..10_000_000, duty in 1u8..=100, seed: u64, p in 0..4, compressible: bool) {
             let pattern = [Pattern::Seq, Pattern::Random, Pattern::Hotcold, Pattern::Once][p as usize];
-            let w = Workload { wss: pages * 4096, rate, pattern, duty, seed, disk: DiskWorkload::default() };
+            let content = if compressible { Content::Compressible } else { Content::Random };
+            let w = Workload { wss: pages * 4096, rate, pattern, duty, seed, content, disk: DiskWorkload::default() };
             prop_assert_eq!(w.to_string().parse::<Workload>().unwrap(), w);
         }
     }

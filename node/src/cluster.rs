@@ -47,11 +47,7 @@ pub fn now_ms() -> u64 {
 /// The committed state as shown outside the nodes: migration tokens authenticate streams, so
 /// they never leave the nodes.
 pub fn redacted(state: &ClusterState) -> ClusterState {
-    let mut state = state.clone();
-    for t in state.tasks.values_mut() {
-        t.token.clear();
-    }
-    state
+    state.without_secrets()
 }
 
 impl Cluster {

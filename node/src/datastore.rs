@@ -75,6 +75,25 @@ fn legacy_disk_mib() -> u64 {
     LEGACY_DISK_MIB
 }
 
+/// `Datastore::create` found the VM's directory already there.
+#[derive(Debug)]
+pub struct DirExists {
+    pub dir: PathBuf,
+}
+
+impl std::fmt::Display for DirExists {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "datastore directory {} already exists (another create of this name is in progress, \
+             or one was interrupted: if the vm is not in `tern vm list`, remove the directory)",
+            self.dir.display()
+        )
+    }
+}
+
+impl std::error::Error for DirExists {}
+
 #[derive(Clone, Debug)]
 pub struct Datastore {
     root: PathBuf,
@@ -113,7 +132,10 @@ impl Datastore {
         Ok(self.root.join("vms").join(name))
     }
 
-    /// Write the config and create the disk file for a new VM.
+    /// Create a new VM's directory, config and disk file. The directory is created
+    /// exclusively: when it already exists (another create of the same name, or files left by
+    /// an interrupted one) this fails with `DirExists` and touches nothing, so a create that
+    /// loses a race never removes the winner's files.
     pub fn create(&self, cfg: &VmConfig) -> anyhow::Result<()> {
         anyhow::ensure!(
             (1..=MAX_DISK_MIB).contains(&cfg.disk_mib),
@@ -121,7 +143,22 @@ impl Datastore {
             cfg.disk_mib
         );
         let dir = self.dir(&cfg.name)?;
-        make_dir(&dir)?;
+        match DirBuilder::new().mode(DIR_MODE).create(&dir) {
+            Ok(()) => set_mode(&dir, DIR_MODE)?,
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                return Err(DirExists { dir }.into());
+            }
+            Err(e) => return Err(e).with_context(|| format!("creating {}", dir.display())),
+        }
+        let written = self.write_new(&dir, cfg);
+        if written.is_err() {
+            // The directory is this call's own: nothing else can have used it yet.
+            let _ = std::fs::remove_dir_all(&dir);
+        }
+        written
+    }
+
+    fn write_new(&self, dir: &Path, cfg: &VmConfig) -> anyhow::Result<()> {
         let tmp = dir.join("config.json.tmp");
         let mut f = file_options()
             .create(true)
@@ -297,6 +334,28 @@ mod tests {
         );
         assert!(!ok && err.contains("Permission denied"), "mv: {err}");
         assert!(vm.join("disk.img").exists());
+    }
+
+    #[test]
+    fn a_second_create_of_a_name_fails_and_leaves_the_first_ones_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let ds = Datastore::open(dir.path()).unwrap();
+        let first = VmConfig {
+            name: "a".into(),
+            memory_mib: 64,
+            vcpus: 1,
+            workload: "wss=8M".into(),
+            disk_mib: 16,
+        };
+        ds.create(&first).unwrap();
+        let second = VmConfig {
+            memory_mib: 128,
+            ..first.clone()
+        };
+        let err = ds.create(&second).unwrap_err();
+        assert!(err.is::<DirExists>(), "{err:#}");
+        assert_eq!(ds.config("a").unwrap(), first);
+        assert!(dir.path().join("vms/a/disk.img").exists());
     }
 
     #[test]

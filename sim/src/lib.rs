@@ -5,6 +5,7 @@
 #![forbid(unsafe_code)]
 
 pub mod cluster;
+pub mod commitment;
 pub mod engine;
 pub mod error;
 pub mod fleet;

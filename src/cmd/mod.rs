@@ -10,4 +10,5 @@ pub mod placement;
 pub mod sim;
 pub mod vm;
 pub mod vm_migrate;
+pub mod vmm;
 pub mod vms;

@@ -20,7 +20,12 @@ pub struct SimArgs {
     /// Fleet described in a TOML file.
     #[arg(long, conflicts_with = "synthetic")]
     config: Option<PathBuf>,
-    /// none | drs | drs+dpm | lr-mmt
+    /// With --synthetic: the fleet's shape (host types, VM size mix, load patterns) from a
+    /// TOML file whose groups give shares; --hosts, --vms and --days set the totals.
+    #[arg(long, requires = "synthetic")]
+    shape: Option<PathBuf>,
+    /// none | drs | drs+dpm | npa | dvfs | DETECTOR-SELECTOR with DETECTOR thr, iqr, mad,
+    /// lr or lrr and SELECTOR mmt, mc or rs (Beloglazov & Buyya 2012; lr-mmt is the baseline)
     #[arg(long, default_value = "lr-mmt")]
     policy: String,
     #[arg(long, default_value_t = 800)]
@@ -61,22 +66,28 @@ pub fn run(args: SimArgs) -> anyhow::Result<()> {
     fleet.cloudsim_ram = args.cloudsim_compat;
     fleet.cloudsim_engine = args.cloudsim_compat;
     fleet.initial_placement = args.initial_placement.parse().map_err(anyhow::Error::msg)?;
-    let mut policy = tern_sim::policy::by_name(&args.policy).with_context(|| {
-        format!(
-            "unknown policy {:?} (none, drs, drs+dpm, lr-mmt)",
-            args.policy
-        )
-    })?;
+    let mut policy =
+        tern_sim::policy::by_name_seeded(&args.policy, args.seed).with_context(|| {
+            format!(
+                "unknown policy {:?} ({})",
+                args.policy,
+                tern_sim::policy::names().join(", ")
+            )
+        })?;
+    // Whether the fleet can be served at all is said before the policy runs.
+    let commitment = tern_sim::commitment::Commitment::of(&fleet);
+    eprintln!("{}", commitment.describe());
     let ticks = (fleet.duration_s / fleet.interval_s) as u64;
     let bar = if args.quiet || ticks < 500 {
         indicatif::ProgressBar::hidden()
     } else {
         indicatif::ProgressBar::new(ticks)
     };
-    let report = tern_sim::run(&fleet, policy.as_mut(), args.seed, &mut |done, total| {
+    let mut report = tern_sim::run(&fleet, policy.as_mut(), args.seed, &mut |done, total| {
         bar.set_length(total);
         bar.set_position(done);
     })?;
+    report.commitment = Some(commitment);
     bar.finish_and_clear();
     if let Some(p) = &args.plot {
         std::fs::write(p, tern_sim::plot::svg(&report))
@@ -104,6 +115,11 @@ fn build_fleet(args: &SimArgs) -> anyhow::Result<Fleet> {
     }
     if let Some(cfg) = &args.config {
         return Ok(Fleet::from_toml(cfg, args.seed)?);
+    }
+    if let Some(shape) = &args.shape {
+        return Ok(Fleet::from_shape(
+            shape, args.seed, args.hosts, args.vms, args.days,
+        )?);
     }
     if args.synthetic {
         return Ok(Fleet::synthetic(

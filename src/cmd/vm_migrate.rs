@@ -7,8 +7,8 @@ use anyhow::Context;
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use tern_hypervisor::migration::{
-    migrate, receive, CancelToken, Hello, MigratableVm, MigrationConfig, MigrationStats, Phase,
-    Progress, ReceiveConfig, ReceiveStats,
+    migrate, receive, CancelToken, Compression, Hello, MigratableVm, MigrationConfig,
+    MigrationStats, Phase, Progress, ReceiveConfig, ReceiveStats,
 };
 
 /// Options `tern vm run` takes to migrate its VM away while it runs.
@@ -39,6 +39,10 @@ pub struct MigrateOpts {
     /// running here).
     #[arg(long, value_parser = duration_arg)]
     pub migrate_deadline: Option<Duration>,
+    /// zstd compression of page data: auto (only where it makes sending faster: slow or
+    /// capped links, compressible memory), on (whatever shrinks), off (protocol version 1).
+    #[arg(long, default_value = "auto")]
+    pub compress: Compression,
 }
 
 impl MigrateOpts {
@@ -49,6 +53,7 @@ impl MigrateOpts {
             streams: self.streams,
             token: self.migrate_token.clone(),
             verify_hash: self.verify_memory,
+            compression: self.compress,
             ..Default::default()
         }
     }
@@ -72,6 +77,9 @@ pub struct ReceiveArgs {
     /// Print machine-readable JSON lines.
     #[arg(long)]
     pub json: bool,
+    /// The VM's disk, the same image the source has open (shared datastore).
+    #[command(flatten)]
+    pub disk: super::vm::DiskOpts,
 }
 
 /// Migrate `vm` as `opts` say, with a progress bar on stderr; `cancel` may be fired by a
@@ -140,6 +148,8 @@ pub fn stats_json(s: &MigrationStats, guest_max_stall_us: Option<u64>) -> serde_
         "max_throttle": s.max_throttle,
         "final_throttle": s.final_throttle,
         "bandwidth_mib_s": s.bandwidth / 1048576.0,
+        "compressed_pages": s.compressed_pages,
+        "compression_saved_bytes": s.compression_saved_bytes,
         "memory_hash": s.memory_hash.map(|h| format!("{h:016x}")),
         "switchover_ms": {
             "pause": ms(s.switchover.pause),
@@ -179,6 +189,11 @@ pub fn print_stats(s: &MigrationStats, guest_max_stall_us: Option<u64>, json: bo
     );
     println!("  pages sent      {:>10}", s.pages_sent);
     println!("  zero pages      {:>10}", s.zero_pages);
+    println!(
+        "  compressed      {:>10} pages, {:.1} MiB saved",
+        s.compressed_pages,
+        s.compression_saved_bytes as f64 / 1048576.0
+    );
     println!("  never touched   {:>10}", s.untouched_pages);
     println!("  rounds          {:>10}", s.rounds);
     println!("  throttle (max)  {:>9}%", s.max_throttle);
@@ -262,6 +277,9 @@ struct WireConfig {
     vcpus: usize,
     workload: String,
     cpu_vendor: String,
+    /// Whether the VM has a disk (the destination must attach the same image).
+    #[serde(default)]
+    disk: bool,
 }
 
 /// `tern vm run ... --migrate-to ADDR`: run the guest, migrate it after `--migrate-after`,
@@ -284,6 +302,7 @@ pub fn run_migrating(
         vcpus: vm.config().vcpus,
         workload: workload.to_string(),
         cpu_vendor: vm.cpu_features().vendor,
+        disk: !vm.device_cmdline().is_empty(),
     };
     let vm = KvmMigratable::new(vm, serde_json::to_string(&wire)?);
     let cancel = CancelToken::new();
@@ -364,17 +383,29 @@ pub fn run_receive(args: &ReceiveArgs) -> anyhow::Result<()> {
         if wire.memory != h.spec.memory_bytes || wire.vcpus as u32 != h.spec.vcpus {
             return Err("VM config disagrees with the memory layout".into());
         }
+        if wire.disk != args.disk.disk.is_some() {
+            return Err(format!(
+                "the VM {} a disk, this destination {} (--disk)",
+                if wire.disk { "has" } else { "has no" },
+                if args.disk.disk.is_some() {
+                    "has one"
+                } else {
+                    "has none"
+                }
+            ));
+        }
         workload = Some(
             wire.workload
                 .parse::<Workload>()
                 .map_err(|e| e.to_string())?,
         );
-        let vm = Vm::new(VmConfig {
+        let mut vm = Vm::new(VmConfig {
             memory: wire.memory,
             vcpus: wire.vcpus,
             serial_log: None,
         })
         .map_err(|e| e.to_string())?;
+        args.disk.attach(&mut vm).map_err(|e| format!("{e:#}"))?;
         Ok(KvmMigratable::new(vm, h.spec.config.clone()))
     })?;
     let mut vm = vm.into_inner();
@@ -394,5 +425,5 @@ pub fn run_receive(args: &ReceiveArgs) -> anyhow::Result<()> {
             summary.mismatches
         );
     }
-    Ok(())
+    super::vm::check_disk(&summary)
 }

@@ -7,6 +7,7 @@ use std::time::Duration;
 use serde_json::{json, Value};
 
 use crate::support::proxy::ProxyNet;
+#[allow(unused_imports)] // not every test crate needs both
 pub use crate::support::{kvm_or_skip, wait_for};
 
 pub struct Node {
