@@ -6,7 +6,9 @@
 //! `load`) hold the logic the handlers and the leader's `controller` loop call; `cluster` is the
 //! client everything uses to commit and read through the leader. No two modules import each
 //! other (checked by `layout_tests`).
+pub mod admission;
 pub mod api;
+pub mod cgroup;
 pub mod cluster;
 pub mod controller;
 pub mod cron;
@@ -79,6 +81,9 @@ pub async fn serve(cfg: NodeConfig) -> anyhow::Result<()> {
     };
     let ip = listener.local_addr()?.ip().to_string();
     let ctx = host::HostCtx::new(cfg.id, cluster.clone(), node.clone(), datastore, ip);
+    if cfg.datastore.is_some() {
+        enforce_pools(&ctx, &cfg);
+    }
     ctx.migrate_bandwidth.store(
         cfg.migrate_bandwidth_mib.saturating_mul(1 << 20),
         std::sync::atomic::Ordering::Relaxed,
@@ -116,6 +121,19 @@ pub async fn serve(cfg: NodeConfig) -> anyhow::Result<()> {
     }
     node.raft.shutdown().await.ok();
     Ok(())
+}
+
+/// Put this host's VMs in cgroups of their pools (see `cgroup`); without cgroups the node
+/// still runs VMs, with a warning.
+fn enforce_pools(ctx: &host::HostCtx, cfg: &NodeConfig) {
+    cgroup::sweep_empty();
+    let name = cgroup::node_name(cfg.id, &cfg.data);
+    match cgroup::Cgroups::open(&name, cgroup::NodeWeight::PerVcpu) {
+        Ok(cg) => {
+            let _ = ctx.cgroups.set(cg);
+        }
+        Err(e) => tracing::warn!("resource pools are not enforced on this host: {e}"),
+    }
 }
 
 /// Ask the seed (forwarded to the leader) to add us as learner then voter, until it works.
