@@ -29,6 +29,8 @@ pub enum HostState {
     Connected,
     EnteringMaintenance,
     InMaintenance,
+    /// The leader missed a few of its heartbeats: no placements or migrations to or from it.
+    NotResponding,
     Down,
 }
 
