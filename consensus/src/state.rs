@@ -3,7 +3,7 @@
 //! `ClusterState::apply` is the only way state changes. It is deterministic: it never reads a
 //! clock or any other input outside the command (time comes in the `Request` from the proposer),
 //! and a rejected command leaves the state exactly as it was.
-use imbl::{OrdMap, OrdSet, Vector};
+pub use imbl::{OrdMap, OrdSet, Vector};
 use serde::{Deserialize, Serialize};
 
 pub type HostId = u64;

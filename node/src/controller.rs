@@ -13,6 +13,7 @@ pub async fn controller_loop(ctx: Arc<HostCtx>, liveness_cfg: LivenessConfig) {
     let mut leader_since_ms = None;
     loop {
         let state = rx.borrow_and_update().state.clone();
+        liveness::export_metrics(&state.hosts);
         if ctx.node.raft.current_leader().await == Some(ctx.id) {
             let now_ms = ctx.leader.clock_ms();
             let beats = ctx.leader.beats();

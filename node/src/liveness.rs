@@ -22,6 +22,25 @@ pub struct Observations<'a> {
     pub now_ms: u64,
 }
 
+/// `tern_hosts{state}`: how many hosts the committed state has in each state (every node).
+pub fn export_metrics(hosts: &tern_consensus::state::OrdMap<HostId, Host>) {
+    let states = [
+        HostState::Connected,
+        HostState::EnteringMaintenance,
+        HostState::InMaintenance,
+        HostState::NotResponding,
+        HostState::Down,
+    ];
+    for state in states {
+        let n = hosts.values().filter(|h| h.state == state).count();
+        let label = serde_json::to_value(state)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_string))
+            .unwrap_or_default();
+        metrics::gauge!("tern_hosts", "state" => label).set(n as f64);
+    }
+}
+
 /// The host state changes to commit now.
 pub fn decide<'a>(
     hosts: impl IntoIterator<Item = &'a Host>,
