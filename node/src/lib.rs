@@ -29,6 +29,7 @@ pub mod outbound;
 pub mod queue_view;
 pub mod sched_view;
 pub mod schedules;
+pub mod supervisor;
 pub mod vms;
 
 use std::path::PathBuf;

@@ -14,6 +14,7 @@ pub mod migration;
 pub mod plot;
 pub mod policy;
 pub mod power;
+pub mod sweep;
 pub mod trace;
 pub mod workload;
 

@@ -69,7 +69,7 @@ impl Client {
 
     pub fn status(&mut self) -> Result<VmmStatus, ClientError> {
         match self.call(&Request::Status)? {
-            Response::Status(s) => Ok(s),
+            Response::Status(s) => Ok(*s),
             reply => Err(unexpected("status", reply)),
         }
     }

@@ -145,7 +145,7 @@ impl Vmm {
     /// Answer one request. Errors are for the client; the VMM carries on.
     pub fn handle(&self, req: Request) -> Result<Response, String> {
         match req {
-            Request::Status => Ok(Response::Status(self.status())),
+            Request::Status => Ok(Response::Status(Box::new(self.status()))),
             Request::Pause => self.pause(),
             Request::Resume => self.resume(),
             Request::Stop => {

@@ -196,7 +196,7 @@ pub struct MigrationSummary {
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum Response {
     Done,
-    Status(VmmStatus),
+    Status(Box<VmmStatus>),
     Migration(MigrationView),
     Listening { addr: SocketAddr },
 }

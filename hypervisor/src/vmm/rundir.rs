@@ -28,9 +28,17 @@ pub struct RunDir {
     pub path: PathBuf,
 }
 
-/// Whether a process with this pid exists.
+/// Whether a process with this pid exists and has not ended (a zombie waiting for its parent
+/// to reap it counts as ended).
 pub fn alive(pid: u32) -> bool {
-    Path::new(&format!("/proc/{pid}")).exists()
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return false;
+    };
+    // The state letter follows the command name, which is in parentheses and may contain any.
+    let state = stat
+        .rsplit_once(')')
+        .and_then(|(_, rest)| rest.trim_start().chars().next());
+    !matches!(state, None | Some('Z') | Some('X'))
 }
 
 /// The pid recorded in `dir`, if the file is there and readable.
@@ -122,6 +130,20 @@ pub fn detach() -> std::io::Result<()> {
         if e.raw_os_error() != Some(libc::EPERM) {
             return Err(e);
         }
+    }
+    Ok(())
+}
+
+/// Send `SIGKILL` (or `SIGTERM` when `force` is false) to process `pid`.
+pub fn signal(pid: u32, force: bool) -> std::io::Result<()> {
+    let pid = libc::pid_t::try_from(pid)
+        .ok()
+        .filter(|&p| p > 0)
+        .ok_or_else(|| std::io::Error::other(format!("{pid} is not a process id")))?;
+    let sig = if force { libc::SIGKILL } else { libc::SIGTERM };
+    // SAFETY: kill takes plain integers; a positive pid addresses exactly one process.
+    if unsafe { libc::kill(pid, sig) } < 0 {
+        return Err(std::io::Error::last_os_error());
     }
     Ok(())
 }
