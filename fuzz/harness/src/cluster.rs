@@ -321,7 +321,7 @@ pub fn snapshot(data: &[u8]) -> Outcome {
 fn datastore() -> &'static (Datastore, PathBuf, tempfile::TempDir) {
     static D: OnceLock<(Datastore, PathBuf, tempfile::TempDir)> = OnceLock::new();
     D.get_or_init(|| {
-        let dir = tempfile::tempdir().expect("temporary directory");
+        let dir = crate::scratch_dir();
         let ds = Datastore::open(dir.path()).expect("datastore");
         let vm_dir = dir.path().join("vms").join("fz");
         std::fs::create_dir_all(&vm_dir).expect("vm directory");

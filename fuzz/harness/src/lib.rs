@@ -100,6 +100,16 @@ pub fn target(name: &str) -> Option<&'static Target> {
     TARGETS.iter().find(|t| t.name == name)
 }
 
+/// A temporary directory in memory (/dev/shm) where there is one: the file-reading targets
+/// write every input to a file, and a disk would slow them down.
+pub(crate) fn scratch_dir() -> tempfile::TempDir {
+    let shm = std::path::Path::new("/dev/shm");
+    shm.is_dir()
+        .then(|| tempfile::tempdir_in(shm).ok())
+        .flatten()
+        .unwrap_or_else(|| tempfile::tempdir().expect("temporary directory"))
+}
+
 /// An error as the reason of a refusal.
 pub(crate) fn refuse(e: impl std::fmt::Display) -> String {
     e.to_string()

@@ -5,7 +5,7 @@ use std::path::Path;
 use std::sync::OnceLock;
 
 use crate::{refuse, Outcome};
-use tern_sim::fleet::Fleet;
+use tern_sim::fleet::{Fleet, MAX_DAYS, MAX_MACHINES};
 use tern_sim::trace::{read_trace_dir_ordered, read_trace_file};
 
 /// A directory with two good trace files for the order files to name.
@@ -22,7 +22,9 @@ fn trace_dir() -> &'static Path {
 
 /// `data` in a fresh temporary file (the parsers read paths).
 fn temp_file(data: &[u8]) -> Result<tempfile::NamedTempFile, String> {
-    let mut f = tempfile::NamedTempFile::new().map_err(refuse)?;
+    static DIR: OnceLock<tempfile::TempDir> = OnceLock::new();
+    let dir = DIR.get_or_init(crate::scratch_dir);
+    let mut f = tempfile::NamedTempFile::new_in(dir.path()).map_err(refuse)?;
     f.write_all(data).map_err(refuse)?;
     f.flush().map_err(refuse)?;
     Ok(f)
@@ -45,8 +47,42 @@ pub fn trace(data: &[u8]) -> Outcome {
     Ok(())
 }
 
-/// A fleet TOML file, built into a fleet as `tern sim --fleet` does.
+/// Fleets larger than this (machines, days) but within the simulator's limits are valid and
+/// only slow: the target skips them, so that each run stays short.
+const BUDGET_MACHINES: f64 = 2_000.0;
+const BUDGET_DAYS: f64 = 30.0;
+
+/// Whether a valid fleet file would take too long to build for a fuzz run (`count`s and
+/// `days` between the fuzzing budget and the simulator's own limits).
+fn over_budget(data: &[u8]) -> bool {
+    let Some(v) = std::str::from_utf8(data)
+        .ok()
+        .and_then(|t| t.parse::<toml::Table>().ok())
+    else {
+        return false;
+    };
+    let num = |v: Option<&toml::Value>| {
+        v.and_then(|x| x.as_integer().map(|i| i as f64).or_else(|| x.as_float()))
+    };
+    let days = num(v.get("days")).unwrap_or(0.0);
+    if days > BUDGET_DAYS && days <= MAX_DAYS {
+        return true;
+    }
+    ["host", "vm"].iter().any(|group| {
+        let n: f64 = v
+            .get(*group)
+            .and_then(toml::Value::as_array)
+            .map(|a| a.iter().filter_map(|g| num(g.get("count"))).sum())
+            .unwrap_or(0.0);
+        n > BUDGET_MACHINES && n <= MAX_MACHINES as f64
+    })
+}
+
+/// A fleet TOML file, built into a fleet as `tern sim --config` does.
 pub fn fleet_toml(data: &[u8]) -> Outcome {
+    if over_budget(data) {
+        return Err("valid but over the fuzzing budget (machines, days)".into());
+    }
     let file = temp_file(data)?;
     Fleet::from_toml(file.path(), 1).map_err(refuse)?;
     Ok(())
