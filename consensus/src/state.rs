@@ -452,6 +452,13 @@ pub enum Command {
     SetSlots {
         slots: SlotSettings,
     },
+    /// Record what happened to a VM on a host (its process died, it was restarted); changes
+    /// nothing but the audit trail.
+    RecordVmEvent {
+        vm: String,
+        host: HostId,
+        event: String,
+    },
     Noop,
 }
 
@@ -1017,6 +1024,12 @@ impl ClusterState {
                 }
                 self.slots = slots.clone();
             }
+            Command::RecordVmEvent { vm, event, .. } => {
+                self.vm(vm)?;
+                if event.is_empty() || event.len() > 1024 {
+                    return Err(invalid("a vm event is 1-1024 bytes"));
+                }
+            }
             Command::Noop => {}
         }
         Ok(Applied::Done)
@@ -1083,6 +1096,7 @@ fn describe(cmd: &Command) -> String {
             "set migration slots {}/{}/{} (source/destination/cluster)",
             slots.per_source, slots.per_destination, slots.per_cluster
         ),
+        Command::RecordVmEvent { vm, host, event } => format!("vm {vm} on host {host}: {event}"),
         Command::Noop => "noop".to_string(),
     }
 }

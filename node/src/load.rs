@@ -1,8 +1,8 @@
-//! Load reporting: each node samples its VMs (vCPU-thread CPU time, touched memory, the
-//! guest's write rate) every interval and reports them to the leader, which keeps a window.
+//! Load reporting: each node reads its VMs' load from their VMMs (vCPU-thread CPU time,
+//! touched memory, the guest's write rate) every interval and reports them to the leader, which keeps a window.
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use super::host::HostCtx;
 use super::sched_view::VmLoad;
@@ -13,31 +13,30 @@ pub struct LoadReport {
     pub vms: HashMap<String, VmLoad>,
 }
 
-/// Previous sample of one VM: (when, vCPU CPU seconds, pages written).
-type Prev = HashMap<String, (Instant, f64, u64)>;
-
-fn sample(ctx: &HostCtx, prev: &mut Prev) -> HashMap<String, VmLoad> {
-    let now = Instant::now();
+/// Each local VM's load as its VMM sampled it over the last second (VMs in the middle of a
+/// migration are left out: their figures belong to the migration).
+fn sample(ctx: &HostCtx) -> HashMap<String, VmLoad> {
+    let names: Vec<String> = ctx
+        .vms()
+        .iter()
+        .filter(|(_, l)| !l.migrating)
+        .map(|(n, _)| n.clone())
+        .collect();
     let mut out = HashMap::new();
-    let vms = ctx.vms();
-    prev.retain(|name, _| vms.contains_key(name));
-    for (name, local) in vms.iter().filter(|(_, l)| !l.migrating) {
-        let vm = local.vm.lock();
-        let cpu: f64 = vm.vcpu_cpu_times().iter().map(|d| d.as_secs_f64()).sum();
-        let written = vm.guest_status().map_or(0, |s| s.pages_written);
-        let touched = vm.memory().touched_pages().unwrap_or(0);
-        if let Some((t, c, w)) = prev.get(name) {
-            let dt = (now - *t).as_secs_f64().max(1e-3);
-            out.insert(
-                name.clone(),
-                VmLoad {
-                    cpu_percent: (cpu - c).max(0.0) / dt * 100.0,
-                    active_mib: (touched * 4096) >> 20,
-                    dirty_mib_s: written.saturating_sub(*w) as f64 * 4096.0 / dt / 1048576.0,
-                },
-            );
+    for name in names {
+        match ctx.vmm_status(&name) {
+            Ok(s) => {
+                out.insert(
+                    name,
+                    VmLoad {
+                        cpu_percent: s.load.cpu_percent,
+                        active_mib: s.load.touched_bytes >> 20,
+                        dirty_mib_s: s.load.dirty_bytes_per_s / 1048576.0,
+                    },
+                );
+            }
+            Err(e) => tracing::debug!(vm = %name, "no load sample: {e:#}"),
         }
-        prev.insert(name.clone(), (now, cpu, written));
     }
     out
 }
@@ -51,20 +50,12 @@ pub fn record(ctx: &HostCtx, report: LoadReport) -> serde_json::Value {
 }
 
 pub async fn report_loop(ctx: Arc<HostCtx>, every: Duration) {
-    let mut prev = Prev::new();
     loop {
         tokio::time::sleep(every).await;
         let c = ctx.clone();
-        let (vms, p) = match tokio::task::spawn_blocking(move || {
-            let v = sample(&c, &mut prev);
-            (v, prev)
-        })
-        .await
-        {
-            Ok(r) => r,
-            Err(_) => return,
+        let Ok(vms) = tokio::task::spawn_blocking(move || sample(&c)).await else {
+            return;
         };
-        prev = p;
         for (name, l) in &vms {
             metrics::gauge!("tern_vm_cpu_percent", "vm" => name.clone()).set(l.cpu_percent);
             metrics::gauge!("tern_vm_dirty_mib_s", "vm" => name.clone()).set(l.dirty_mib_s);

@@ -49,6 +49,8 @@ pub fn verdict(me: u64, vmm: &VmmStatus, committed: Option<Committed>) -> Verdic
     match committed {
         None => Verdict::Stop(format!("vm {} is no longer in the cluster", vmm.name)),
         Some(_) if busy => Verdict::Keep,
+        // This node's view lags behind the VMM (it arrived through a commit not applied here).
+        Some(c) if c.epoch < vmm.epoch && c.running => Verdict::Keep,
         Some(_) if matches!(vmm.state, VmmState::MigratedAway | VmmState::Handover) => {
             Verdict::Stop("its VM has moved away".into())
         }
@@ -164,6 +166,9 @@ impl Supervisor {
             cmd.args(["--memory", &format!("{}M", launch.spec.memory_mib)])
                 .args(["--vcpus", &launch.spec.vcpus.to_string()])
                 .args(["--workload", &launch.spec.workload]);
+            if let Some(d) = &launch.spec.disk {
+                cmd.arg("--disk").arg(d);
+            }
         }
         if let Some(l) = &launch.lease {
             cmd.arg("--lease").arg(l);
@@ -350,5 +355,7 @@ mod tests {
             verdict(1, &status(VmmState::MigratedAway, 4), c(1, 4, true)),
             Verdict::Stop(_)
         ));
+        // A view that has not applied the commit that brought the VM here yet keeps it.
+        assert_eq!(verdict(1, &run, c(2, 3, true)), Verdict::Keep);
     }
 }
