@@ -2,7 +2,7 @@
 //! touched memory, the guest's write rate) every interval and reports them to the leader, which keeps a window.
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use super::host::HostCtx;
 use super::sched_view::VmLoad;
@@ -13,30 +13,43 @@ pub struct LoadReport {
     pub vms: HashMap<String, VmLoad>,
 }
 
-/// Each local VM's load as its VMM sampled it over the last second (VMs in the middle of a
-/// migration are left out: their figures belong to the migration).
-fn sample(ctx: &HostCtx) -> HashMap<String, VmLoad> {
+/// Previous sample of one VM: (when, vCPU CPU ns, pages written).
+type Prev = HashMap<String, (Instant, u64, u64)>;
+
+/// Each local VM's load over the interval since the previous sample, from its VMM's status
+/// (VMs in the middle of a migration are left out: their figures belong to the migration).
+fn sample(ctx: &HostCtx, prev: &mut Prev) -> HashMap<String, VmLoad> {
     let names: Vec<String> = ctx
         .vms()
         .iter()
         .filter(|(_, l)| !l.migrating)
         .map(|(n, _)| n.clone())
         .collect();
+    prev.retain(|name, _| names.contains(name));
     let mut out = HashMap::new();
     for name in names {
-        match ctx.vmm_status(&name) {
-            Ok(s) => {
-                out.insert(
-                    name,
-                    VmLoad {
-                        cpu_percent: s.load.cpu_percent,
-                        active_mib: s.load.touched_bytes >> 20,
-                        dirty_mib_s: s.load.dirty_bytes_per_s / 1048576.0,
-                    },
-                );
+        let s = match ctx.vmm_status(&name) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::debug!(vm = %name, "no load sample: {e:#}");
+                continue;
             }
-            Err(e) => tracing::debug!(vm = %name, "no load sample: {e:#}"),
+        };
+        let now = Instant::now();
+        let cpu = s.load.vcpu_cpu_ns;
+        let written = s.guest.as_ref().map_or(0, |g| g.pages_written);
+        if let Some((t, c, w)) = prev.get(&name) {
+            let dt = (now - *t).as_secs_f64().max(1e-3);
+            out.insert(
+                name.clone(),
+                VmLoad {
+                    cpu_percent: cpu.saturating_sub(*c) as f64 / 1e9 / dt * 100.0,
+                    active_mib: s.load.touched_bytes >> 20,
+                    dirty_mib_s: written.saturating_sub(*w) as f64 * 4096.0 / dt / 1048576.0,
+                },
+            );
         }
+        prev.insert(name, (now, cpu, written));
     }
     out
 }
@@ -50,12 +63,19 @@ pub fn record(ctx: &HostCtx, report: LoadReport) -> serde_json::Value {
 }
 
 pub async fn report_loop(ctx: Arc<HostCtx>, every: Duration) {
+    let mut prev = Prev::new();
     loop {
         tokio::time::sleep(every).await;
         let c = ctx.clone();
-        let Ok(vms) = tokio::task::spawn_blocking(move || sample(&c)).await else {
+        let Ok((vms, p)) = tokio::task::spawn_blocking(move || {
+            let v = sample(&c, &mut prev);
+            (v, prev)
+        })
+        .await
+        else {
             return;
         };
+        prev = p;
         for (name, l) in &vms {
             metrics::gauge!("tern_vm_cpu_percent", "vm" => name.clone()).set(l.cpu_percent);
             metrics::gauge!("tern_vm_dirty_mib_s", "vm" => name.clone()).set(l.dirty_mib_s);

@@ -433,6 +433,7 @@ fn drive(ctx: &Arc<HostCtx>, task: &MigrationTask, epoch: u64, cancel: &CancelTo
             }
             let view = c.wait_gate(Duration::from_millis(500))?;
             if view.gate_pending {
+                record_progress(ctx, task.id, &view);
                 let decision = gate_decision(ctx, &task.vm, epoch, task.to, cancel);
                 c.gate(decision)?;
             }

@@ -196,8 +196,14 @@ impl Vmm {
             (i.vm.clone(), status)
         };
         if let Some(vm) = vm {
-            let mem = vm.lock().memory().clone();
+            let (mem, ns) = {
+                let v = vm.lock();
+                let ns: u128 = v.vcpu_cpu_times().iter().map(|d| d.as_nanos()).sum();
+                (v.memory().clone(), ns as u64)
+            };
             status.guest = GuestStatus::read(&mem).ok();
+            // Live, so that a client can compute CPU use over its own interval.
+            status.load.vcpu_cpu_ns = ns;
         }
         status
     }

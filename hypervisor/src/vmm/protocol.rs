@@ -149,7 +149,7 @@ pub struct Load {
     pub dirty_bytes_per_s: f64,
     /// Guest memory ever touched, bytes.
     pub touched_bytes: u64,
-    /// Total vCPU-thread CPU time, nanoseconds.
+    /// Total vCPU-thread CPU time, nanoseconds (read live at each `status`).
     pub vcpu_cpu_ns: u64,
 }
 
