@@ -264,7 +264,14 @@ impl HostCtx {
             if arriving.contains(name) || self.vms().contains_key(name) {
                 continue;
             }
-            guard(&self.arriving).insert(name.clone());
+            // Claim the boot (reconciles run concurrently): exactly one of them boots it.
+            if !self.arriving_insert(name) {
+                continue;
+            }
+            if self.vms().contains_key(name) {
+                self.arriving_remove(name);
+                continue;
+            }
             let (ctx, name, epoch) = (self.clone(), name.clone(), vm.epoch);
             std::thread::spawn(move || {
                 if let Err(e) = ctx.boot(&name, epoch) {

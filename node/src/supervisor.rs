@@ -97,6 +97,8 @@ pub struct Supervisor {
     binary: PathBuf,
     owner: u64,
     procs: Mutex<HashMap<String, Tracked>>,
+    /// VMMs being started (not yet answering): a second start of the same VM is refused.
+    starting: Mutex<std::collections::HashSet<String>>,
 }
 
 impl Supervisor {
@@ -107,6 +109,7 @@ impl Supervisor {
             binary,
             owner,
             procs: Mutex::new(HashMap::new()),
+            starting: Mutex::new(Default::default()),
         }
     }
 
@@ -139,10 +142,24 @@ impl Supervisor {
     /// bad spec) is reported with its reason.
     pub fn start(&self, launch: &Launch) -> anyhow::Result<u32> {
         let name = &launch.spec.name;
-        let dir = self.run_dir(name)?;
-        if self.procs().contains_key(name) {
-            bail!("a VMM for {name} is already running here");
+        self.run_dir(name)?;
+        {
+            let mut starting = self.starting.lock().unwrap_or_else(|p| p.into_inner());
+            if self.procs().contains_key(name) || !starting.insert(name.clone()) {
+                bail!("a VMM for {name} is already running here");
+            }
         }
+        let started = self.spawn(launch);
+        self.starting
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(name);
+        started
+    }
+
+    fn spawn(&self, launch: &Launch) -> anyhow::Result<u32> {
+        let name = &launch.spec.name;
+        let dir = self.run_dir(name)?;
         std::fs::DirBuilder::new()
             .recursive(true)
             .mode(0o700)
