@@ -85,7 +85,11 @@ fn node_kill_9_leaves_guests_running_and_the_restarted_node_carries_on() {
     });
     let before: Vec<u64> = ["a", "b"]
         .iter()
-        .map(|v| c.guest(v, 2).unwrap()["status"]["pages_written"].as_u64().unwrap())
+        .map(|v| {
+            c.guest(v, 2).unwrap()["status"]["pages_written"]
+                .as_u64()
+                .unwrap()
+        })
         .collect();
     c.node(2).kill();
     std::thread::sleep(Duration::from_secs(2));
@@ -105,8 +109,15 @@ fn node_kill_9_leaves_guests_running_and_the_restarted_node_carries_on() {
                 .filter(|g| g["status"]["pages_written"].as_u64() > Some(*was))
         });
         assert_eq!(g["status"]["mismatches"], json!(0), "{g}");
-        assert!(stall_us(&g) < 50_000, "{vm} stalled {} us: {g}", stall_us(&g));
-        assert_eq!(vmm_pid(&c, 2, vm), Some(pids[if *vm == "a" { 0 } else { 1 }]));
+        assert!(
+            stall_us(&g) < 50_000,
+            "{vm} stalled {} us: {g}",
+            stall_us(&g)
+        );
+        assert_eq!(
+            vmm_pid(&c, 2, vm),
+            Some(pids[if *vm == "a" { 0 } else { 1 }])
+        );
     }
     eprintln!("node back with its VMs after {:?}", restarted.elapsed());
     // The interrupted migration ends, and m runs on exactly one host.
@@ -218,12 +229,16 @@ fn live_migration_with_continuous_disk_io_loses_nothing() {
         assert_eq!(was, Some(to), "moved from {from}");
         // The disk workload carries on on the destination: more generations flushed, all
         // verified, no I/O error seen by the guest.
-        let g = wait_for("disk I/O on the destination", Duration::from_secs(30), || {
-            c.guest("io", to).filter(|g| {
-                disk(g)["flushed_gen"].as_u64() > disk(&before)["flushed_gen"].as_u64()
-                    && disk(g)["verified"].as_u64() > disk(&before)["verified"].as_u64()
-            })
-        });
+        let g = wait_for(
+            "disk I/O on the destination",
+            Duration::from_secs(30),
+            || {
+                c.guest("io", to).filter(|g| {
+                    disk(g)["flushed_gen"].as_u64() > disk(&before)["flushed_gen"].as_u64()
+                        && disk(g)["verified"].as_u64() > disk(&before)["verified"].as_u64()
+                })
+            },
+        );
         assert_eq!(g["status"]["mismatches"], json!(0), "{g}");
         assert_eq!(disk(&g)["mismatches"], json!(0), "{g}");
         assert_eq!(disk(&g)["io_errors"], json!(0), "{g}");

@@ -1212,6 +1212,28 @@ mod tests {
         )
     }
 
+    #[test]
+    fn a_vm_event_changes_nothing_but_the_audit_trail() {
+        let mut s = cluster("0 2 * * *");
+        let before = s.vms.clone();
+        let n = s.audit.len();
+        let event = |vm: &str, event: &str| Command::RecordVmEvent {
+            vm: vm.into(),
+            host: 1,
+            event: event.into(),
+        };
+        apply(&mut s, event("a", "VMM pid 7 died (killed or crashed)")).unwrap();
+        assert_eq!(s.vms, before);
+        assert_eq!(s.audit.len(), n + 1);
+        let last = &s.audit[s.audit.len() - 1].action;
+        assert_eq!(last, "vm a on host 1: VMM pid 7 died (killed or crashed)");
+        // An unknown VM or an empty or oversized event is refused and leaves no entry.
+        assert!(apply(&mut s, event("zz", "x")).is_err());
+        assert!(apply(&mut s, event("a", "")).is_err());
+        assert!(apply(&mut s, event("a", &"x".repeat(2000))).is_err());
+        assert_eq!(s.audit.len(), n + 1);
+    }
+
     /// Two hosts, vm `a` on host 1, and a schedule `s` with the given cron.
     fn cluster(cron: &str) -> ClusterState {
         let mut s = ClusterState::default();

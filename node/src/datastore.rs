@@ -433,4 +433,27 @@ mod tests {
             assert!(ds.lock(bad).is_err(), "{bad:?}");
         }
     }
+
+    #[test]
+    fn the_lease_never_moves_back_nor_changes_hands_at_one_epoch() {
+        let dir = tempfile::tempdir().unwrap();
+        let ds = Datastore::open(dir.path()).unwrap();
+        std::fs::create_dir(dir.path().join("vms/a")).unwrap();
+        ds.write_lease("a", 1, 0).unwrap();
+        ds.write_lease("a", 1, 0).unwrap(); // the same again: a no-op
+        ds.write_lease("a", 2, 1).unwrap();
+        assert_eq!(ds.lease("a"), Some(Lease { owner: 2, epoch: 1 }));
+        // A node whose view lags (owner 1 at epoch 0) cannot take it back.
+        let e = ds.write_lease("a", 1, 0).unwrap_err().to_string();
+        assert!(e.contains("newer"), "{e}");
+        let e = ds.write_lease("a", 1, 1).unwrap_err().to_string();
+        assert!(e.contains("not 1"), "{e}");
+        assert_eq!(ds.lease("a"), Some(Lease { owner: 2, epoch: 1 }));
+        let mode = std::fs::metadata(ds.lease_path("a").unwrap())
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+        assert!(ds.write_lease("../x", 1, 5).is_err());
+    }
 }

@@ -191,7 +191,11 @@ async fn on_death(ctx: &Arc<HostCtx>, death: Death) {
         host: ctx.id,
         event,
     };
-    if let Err(e) = ctx.cluster.propose(actor.clone(), None, record, false).await {
+    if let Err(e) = ctx
+        .cluster
+        .propose(actor.clone(), None, record, false)
+        .await
+    {
         tracing::warn!(vm = %death.name, "recording the death: {e}");
     }
     let state = ctx.state();
@@ -218,4 +222,142 @@ async fn on_death(ctx: &Arc<HostCtx>, death: Death) {
         c.reconcile_now(&state)
     })
     .await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tern_consensus::state::{Capacity, MigrationTask, Request, VmSpec};
+    use tern_hypervisor::vmm::protocol::Load;
+    use tern_hypervisor::vmm::VmmStatus;
+
+    fn apply(s: &mut ClusterState, command: Command) {
+        let index = s.audit.len() as u64 + 1;
+        s.apply(
+            index,
+            &Request {
+                actor: "t".into(),
+                at_ms: 1,
+                command,
+            },
+        )
+        .unwrap();
+    }
+
+    /// Hosts 1 and 2, vm `a` on host 1 at epoch 0.
+    fn state() -> ClusterState {
+        let mut s = ClusterState::default();
+        for id in [1, 2] {
+            apply(
+                &mut s,
+                Command::RegisterHost {
+                    id,
+                    address: format!("h{id}"),
+                    capacity: Capacity {
+                        cpus: 4,
+                        memory_mib: 4096,
+                    },
+                    cpu_features: vec![],
+                },
+            );
+        }
+        apply(
+            &mut s,
+            Command::CreateVm {
+                spec: VmSpec {
+                    name: "a".into(),
+                    vcpus: 1,
+                    memory_mib: 64,
+                    cpu_features: vec![],
+                },
+                pool: None,
+                owner: 1,
+            },
+        );
+        apply(
+            &mut s,
+            Command::SetVmState {
+                vm: "a".into(),
+                state: VmState::Running,
+            },
+        );
+        s
+    }
+
+    fn vmm(state: VmmState, epoch: u64) -> VmmStatus {
+        VmmStatus {
+            name: "a".into(),
+            pid: 9,
+            state,
+            epoch,
+            owner: 1,
+            spec: None,
+            guest: None,
+            load: Load::default(),
+            error: None,
+        }
+    }
+
+    fn running_task(s: &mut ClusterState, from: u64, to: u64) -> u64 {
+        apply(
+            s,
+            Command::CreateTask {
+                vm: "a".into(),
+                to,
+                priority: 1,
+                reason: "manual".into(),
+                token: "t".into(),
+            },
+        );
+        let id = *s.tasks.keys().next().unwrap();
+        apply(
+            s,
+            Command::UpdateTask {
+                id,
+                state: TaskState::Running,
+                stats: None,
+                error: None,
+            },
+        );
+        let t: &MigrationTask = &s.tasks[&id];
+        assert_eq!((t.from, t.to), (from, to));
+        id
+    }
+
+    #[test]
+    fn adopted_vmms_are_kept_carried_on_followed_or_stopped_as_committed() {
+        let mut s = state();
+        assert_eq!(adoption(1, &vmm(VmmState::Running, 0), &s), Adoption::Run);
+        // Host 2 never runs host 1's VM; a VMM for a VM gone from the cluster stops.
+        assert!(matches!(
+            adoption(2, &vmm(VmmState::Running, 0), &s),
+            Adoption::Stop(_)
+        ));
+        let mut gone = vmm(VmmState::Running, 0);
+        gone.name = "zz".into();
+        assert!(matches!(adoption(1, &gone, &s), Adoption::Stop(_)));
+        // A migrating VMM with no running task has nothing to carry on.
+        assert!(matches!(
+            adoption(1, &vmm(VmmState::AtGate, 0), &s),
+            Adoption::Stop(_)
+        ));
+        let id = running_task(&mut s, 1, 2);
+        for st in [VmmState::Migrating, VmmState::AtGate] {
+            assert_eq!(adoption(1, &vmm(st, 0), &s), Adoption::CarryOn(id));
+        }
+        assert_eq!(
+            adoption(2, &vmm(VmmState::Receiving, 1), &s),
+            Adoption::Receive
+        );
+        // The source of a migration never receives it.
+        assert!(matches!(
+            adoption(1, &vmm(VmmState::Receiving, 1), &s),
+            Adoption::Stop(_)
+        ));
+        // A copy that migrated away is stopped.
+        assert!(matches!(
+            adoption(1, &vmm(VmmState::MigratedAway, 0), &s),
+            Adoption::Stop(_)
+        ));
+    }
 }
