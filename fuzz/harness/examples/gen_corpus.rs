@@ -32,9 +32,9 @@ use tern_hypervisor::migration::Compression;
 use tern_hypervisor::vmm::protocol::{
     self as vmm, GateDecision, Request as VmmRequest, Response as VmmResponse, Tuning,
 };
+use tern_hypervisor::vmm::WireSpec;
 use tern_node::cluster::WriteBody;
 use tern_node::datastore::VmConfig;
-use tern_node::host::WireConfig;
 
 struct Out {
     root: PathBuf,
@@ -76,13 +76,13 @@ fn pages(n: u64, fill: impl Fn(u64, usize) -> u8) -> Message {
 }
 
 fn wire_config() -> String {
-    serde_json::to_string(&WireConfig {
-        vm: VmConfig {
+    serde_json::to_string(&WireSpec {
+        vm: vmm::VmSpec {
             name: "vm-a".into(),
             memory_mib: 64,
             vcpus: 2,
             workload: "wss=16M,rate=1000,pattern=random,duty=50".into(),
-            disk_mib: 16,
+            disk: None,
         },
         cpu_vendor: "GenuineIntel".into(),
     })
@@ -259,6 +259,7 @@ fn vmm_frames(out: &mut Out) {
         memory_mib: 64,
         vcpus: 2,
         workload: "wss=8M".into(),
+        disk: Some("/datastore/vms/vm-a/disk.img".into()),
     };
     let requests = vec![
         ("status", VmmRequest::Status),
@@ -282,7 +283,7 @@ fn vmm_frames(out: &mut Out) {
             VmmRequest::Receive {
                 listen: "127.0.0.1:0".parse().expect("addr"),
                 token: "t".into(),
-                expected: spec,
+                expected: Box::new(spec),
                 epoch: 3,
                 accept_timeout_ms: Some(1000),
             },
@@ -631,6 +632,7 @@ fn cluster(out: &mut Out) {
         vcpus: 2,
         workload: "wss=64M,rate=5000,pattern=random".into(),
         disk_mib: 1024,
+        restart: Default::default(),
     };
     out.seed("datastore_config", "vm", &json(&cfg));
     out.seed(

@@ -6,7 +6,7 @@ use tern_hypervisor::migration::dest::check_hello;
 use tern_hypervisor::migration::frame::read_frame;
 use tern_hypervisor::migration::messages::{Hello, Message, VmSpec};
 use tern_hypervisor::migration::ReceiveConfig;
-use tern_node::host::WireConfig;
+use tern_hypervisor::vmm::WireSpec;
 
 /// The kind byte `Message::encode` gives `msg`.
 fn kind_of(msg: &Message) -> u8 {
@@ -94,7 +94,7 @@ pub fn receive_config() -> ReceiveConfig {
 }
 
 /// The first frame on a control stream: `Hello` decoded, checked as the destination checks it,
-/// and its VM config decoded as a Tern node decodes it. The first byte picks `Hello` (even) or
+/// and its VM config decoded as the receiving VMM decodes it. The first byte picks `Hello` (even) or
 /// a data stream's `Join` (odd).
 pub fn handshake(data: &[u8]) -> Outcome {
     let (&pick, payload) = data.split_first().ok_or("empty input")?;
@@ -127,7 +127,7 @@ pub fn handshake(data: &[u8]) -> Outcome {
         panic!("a Hello payload decoded as {}", msg.name());
     };
     check_hello(&receive_config(), &hello)?;
-    let wire: WireConfig = serde_json::from_str(&hello.spec.config).map_err(refuse)?;
+    let wire: WireSpec = serde_json::from_str(&hello.spec.config).map_err(refuse)?;
     wire.vm
         .workload
         .parse::<tern_hypervisor::Workload>()
