@@ -89,8 +89,9 @@ fn cluster_vm_migrates_live_with_raft_gated_switchover() {
     assert!(!future.contains(" web "), "{future}");
 
     // Prometheus metrics on the source: migrations by result, downtime, bytes, Raft position.
-    let metrics = client()
-        .get(format!("http://{}/metrics", c.addr(1)))
+    let metrics = client(&c.addr(1))
+        .expect("admin client")
+        .get(api::url(&c.addr(1), "/metrics"))
         .send()
         .and_then(|r| r.text())
         .expect("metrics");
@@ -329,8 +330,9 @@ fn cluster_drs_moves_vms_off_an_overloaded_host() {
     );
     assert!(c.tasks().is_empty());
     // The leader exports what DRS sees.
-    let metrics = client()
-        .get(format!("http://{}/metrics", c.addr(1)))
+    let metrics = client(&c.addr(1))
+        .expect("admin client")
+        .get(api::url(&c.addr(1), "/metrics"))
         .send()
         .and_then(|r| r.text())
         .expect("metrics");

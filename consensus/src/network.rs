@@ -1,7 +1,11 @@
-//! The Raft network: each RPC is one HTTP POST of a JSON body to the target node's API
+//! The Raft network: each RPC is one HTTPS POST of a JSON body to the target node's API
 //! (`/raft/append`, `/raft/vote`, `/raft/snapshot`), answered with a JSON
-//! `Result<response, RaftError>`. Connections are kept alive by the shared client.
-use std::net::IpAddr;
+//! `Result<response, RaftError>`. Every peer call is mutual TLS: the caller presents its node
+//! certificate and names itself in `x-tern-node`; it reaches the target as `node-ID.tern`
+//! (resolved to the member's address), so the target's certificate must name the expected
+//! node. Connections are kept alive per target.
+use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
+use std::sync::Arc;
 use std::time::Duration;
 
 use openraft::error::{
@@ -21,29 +25,90 @@ use crate::{NodeId, TypeConfig};
 pub const APPEND_PATH: &str = "/raft/append";
 pub const VOTE_PATH: &str = "/raft/vote";
 pub const SNAPSHOT_PATH: &str = "/raft/snapshot";
+/// The header in which a node names itself on peer calls (its certificate must agree).
+pub const NODE_HEADER: &str = "x-tern-node";
+
+/// The DNS name a node's certificate carries and peers verify: `node-ID.tern`.
+pub fn node_name(id: NodeId) -> String {
+    format!("node-{id}.tern")
+}
+
+/// How this node calls its peers: its TLS client configuration (cluster CA pinned, node
+/// certificate presented), its id, and the address its connections leave from.
+#[derive(Clone)]
+pub struct PeerTls {
+    pub config: Arc<rustls::ClientConfig>,
+    pub self_id: NodeId,
+    /// See `RaftOptions::source_ip`.
+    pub source_ip: Option<IpAddr>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PeerError {
+    #[error("peer address {addr:?} does not resolve: {reason}")]
+    Address { addr: String, reason: String },
+    #[error("http client: {0}")]
+    Client(#[from] reqwest::Error),
+}
+
+impl PeerTls {
+    /// A client for node `id` at `addr` (host:port) and the base URL to use with it
+    /// (`https://node-ID.tern:PORT`): the TLS handshake fails unless the peer's certificate
+    /// is the cluster's and names node `id`.
+    pub fn client(
+        &self,
+        id: NodeId,
+        addr: &str,
+        timeout: Option<Duration>,
+    ) -> Result<(reqwest::Client, String), PeerError> {
+        let socket = resolve(addr)?;
+        let name = node_name(id);
+        let mut headers = reqwest::header::HeaderMap::new();
+        headers.insert(NODE_HEADER, reqwest::header::HeaderValue::from(self.self_id));
+        let mut builder = reqwest::Client::builder()
+            .use_preconfigured_tls((*self.config).clone())
+            .resolve(&name, socket)
+            .default_headers(headers)
+            .local_address(self.source_ip)
+            .tcp_nodelay(true)
+            .connect_timeout(Duration::from_millis(500))
+            .pool_idle_timeout(Duration::from_secs(60));
+        if let Some(t) = timeout {
+            builder = builder.timeout(t);
+        }
+        Ok((builder.build()?, format!("https://{name}:{}", socket.port())))
+    }
+}
+
+fn resolve(addr: &str) -> Result<SocketAddr, PeerError> {
+    if let Ok(socket) = addr.parse() {
+        return Ok(socket);
+    }
+    let err = |reason: String| PeerError::Address {
+        addr: addr.to_string(),
+        reason,
+    };
+    addr.to_socket_addrs()
+        .map_err(|e| err(e.to_string()))?
+        .next()
+        .ok_or_else(|| err("no address".into()))
+}
 
 #[derive(Clone)]
 pub struct HttpNetworkFactory {
-    client: reqwest::Client,
+    tls: PeerTls,
 }
 
 impl HttpNetworkFactory {
-    /// `source_ip`: see `RaftOptions::source_ip`.
-    pub fn new(source_ip: Option<IpAddr>) -> Result<Self, reqwest::Error> {
-        let client = reqwest::Client::builder()
-            .local_address(source_ip)
-            .tcp_nodelay(true)
-            .connect_timeout(Duration::from_millis(500))
-            .pool_idle_timeout(Duration::from_secs(60))
-            .build()?;
-        Ok(HttpNetworkFactory { client })
+    pub fn new(tls: PeerTls) -> Self {
+        HttpNetworkFactory { tls }
     }
 }
 
 pub struct HttpNetwork {
-    client: reqwest::Client,
+    /// None when the target's address does not resolve (every RPC reports it unreachable).
+    client: Result<(reqwest::Client, String), String>,
     target: NodeId,
-    base: String,
 }
 
 impl RaftNetworkFactory<TypeConfig> for HttpNetworkFactory {
@@ -51,9 +116,11 @@ impl RaftNetworkFactory<TypeConfig> for HttpNetworkFactory {
 
     async fn new_client(&mut self, target: NodeId, node: &BasicNode) -> HttpNetwork {
         HttpNetwork {
-            client: self.client.clone(),
+            client: self
+                .tls
+                .client(target, &node.addr, None)
+                .map_err(|e| e.to_string()),
             target,
-            base: format!("http://{}", node.addr),
         }
     }
 }
@@ -70,9 +137,15 @@ impl HttpNetwork {
         Resp: DeserializeOwned,
         E: std::error::Error + DeserializeOwned,
     {
-        let sent = self
-            .client
-            .post(format!("{}{}", self.base, path))
+        let (client, base) = match &self.client {
+            Ok(c) => c,
+            Err(e) => {
+                let err = std::io::Error::other(e.clone());
+                return Err(RPCError::Unreachable(Unreachable::new(&err)));
+            }
+        };
+        let sent = client
+            .post(format!("{base}{path}"))
             .timeout(option.hard_ttl())
             .json(req)
             .send()

@@ -9,7 +9,7 @@ use std::time::Duration;
 use openraft::error::{CheckIsLeaderError, ClientWriteError, RaftError};
 use openraft::{BasicNode, Config, SnapshotPolicy};
 
-use crate::network::HttpNetworkFactory;
+use crate::network::{HttpNetworkFactory, PeerTls};
 use crate::state::ClusterState;
 use crate::store::{open_db, LogStore, StateMachineStore, StateView};
 use crate::{NodeId, Raft, Request, Response};
@@ -79,6 +79,8 @@ pub struct ConsensusNode {
     pub machine: StateMachineStore,
     /// See `RaftOptions::source_ip`; the node's other peer clients should use it too.
     pub source_ip: Option<IpAddr>,
+    /// How this node reaches its peers (mutual TLS); the node's other peer calls use it too.
+    pub peers: PeerTls,
     log: LogStore,
     write_timeout: Duration,
 }
@@ -89,6 +91,7 @@ impl ConsensusNode {
         addr: String,
         data_dir: &Path,
         opts: &RaftOptions,
+        tls: Arc<rustls::ClientConfig>,
     ) -> Result<Self, ConsensusError> {
         let config = Config {
             cluster_name: "tern".to_string(),
@@ -101,13 +104,18 @@ impl ConsensusNode {
             ..Default::default()
         }
         .validate()?;
+        let peers = PeerTls {
+            config: tls,
+            self_id: id,
+            source_ip: opts.source_ip,
+        };
         let db = open_db(&data_dir.join("raft.sled"))?;
         let log = LogStore::open(&db, opts.durable)?;
         let machine = StateMachineStore::open(&db)?;
         let raft = Raft::new(
             id,
             Arc::new(config),
-            HttpNetworkFactory::new(opts.source_ip)?,
+            HttpNetworkFactory::new(peers.clone()),
             log.clone(),
             machine.clone(),
         )
@@ -118,6 +126,7 @@ impl ConsensusNode {
             raft,
             machine,
             source_ip: opts.source_ip,
+            peers,
             log,
             write_timeout: Duration::from_millis(opts.write_timeout_ms),
         })

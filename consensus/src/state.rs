@@ -7,6 +7,8 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+use crate::access::{AccessChange, AccessRole, AccessState};
+
 pub type HostId = u64;
 pub type TaskId = u64;
 
@@ -160,6 +162,10 @@ pub struct Schedule {
     /// Why the last firing created no task (e.g. the VM already had an active migration).
     #[serde(default)]
     pub last_error: Option<String>,
+    /// Who committed the schedule (set by the state machine from the request's principal):
+    /// the tasks it fires are requested by them.
+    #[serde(default)]
+    pub created_by: String,
 }
 
 /// The migration task a schedule's firing creates, in the same command as the firing.
@@ -257,6 +263,9 @@ pub struct ClusterState {
     pub roles: BTreeMap<String, Role>,
     #[serde(default)]
     pub slots: SlotSettings,
+    /// Operators' API tokens and join tokens (hashes only).
+    #[serde(default)]
+    pub access: AccessState,
 }
 
 /// A command as proposed: who asks, when (the proposer's clock), and what.
@@ -374,6 +383,22 @@ pub enum Command {
     /// Migration concurrency limits (checked when a task is committed as running).
     SetSlots {
         slots: SlotSettings,
+    },
+    /// An operator's API token (`hash`: hex SHA-256 of its secret).
+    CreateToken {
+        name: String,
+        role: AccessRole,
+        hash: String,
+        #[serde(default)]
+        expires_at_ms: Option<u64>,
+    },
+    RevokeToken {
+        name: String,
+    },
+    /// A token new hosts may join with until `expires_at_ms`.
+    CreateJoinToken {
+        hash: String,
+        expires_at_ms: u64,
     },
     Noop,
 }
@@ -793,8 +818,9 @@ impl ClusterState {
                 if schedule.name.is_empty() || schedule.cron.is_empty() {
                     return Err(invalid("schedule needs a name and a cron expression"));
                 }
-                self.schedules
-                    .insert(schedule.name.clone(), schedule.clone());
+                let mut schedule = schedule.clone();
+                schedule.created_by = req.actor.clone();
+                self.schedules.insert(schedule.name.clone(), schedule);
             }
             Command::DeleteSchedule { name } => {
                 if self.schedules.remove(name).is_none() {
@@ -873,6 +899,36 @@ impl ClusterState {
                 }
                 self.slots = slots.clone();
             }
+            Command::CreateToken {
+                name,
+                role,
+                hash,
+                expires_at_ms,
+            } => self.access.apply(
+                AccessChange::CreateToken {
+                    name,
+                    role: *role,
+                    hash,
+                    expires_at_ms: *expires_at_ms,
+                },
+                &req.actor,
+                req.at_ms,
+            )?,
+            Command::RevokeToken { name } => {
+                self.access
+                    .apply(AccessChange::RevokeToken { name }, &req.actor, req.at_ms)?
+            }
+            Command::CreateJoinToken {
+                hash,
+                expires_at_ms,
+            } => self.access.apply(
+                AccessChange::CreateJoinToken {
+                    hash,
+                    expires_at_ms: *expires_at_ms,
+                },
+                &req.actor,
+                req.at_ms,
+            )?,
             Command::Noop => {}
         }
         Ok(Applied::Done)
@@ -939,6 +995,11 @@ fn describe(cmd: &Command) -> String {
             "set migration slots {}/{}/{} (source/destination/cluster)",
             slots.per_source, slots.per_destination, slots.per_cluster
         ),
+        Command::CreateToken { name, role, .. } => format!("create {role} token {name}"),
+        Command::RevokeToken { name } => format!("revoke token {name}"),
+        Command::CreateJoinToken { expires_at_ms, .. } => {
+            format!("create join token (expires {expires_at_ms})")
+        }
         Command::Noop => "noop".to_string(),
     }
 }
@@ -1087,6 +1148,7 @@ mod tests {
             enabled: true,
             last_fired_ms: None,
             last_error: None,
+            created_by: String::new(),
         };
         apply(&mut s, Command::PutSchedule { schedule }).expect("put schedule");
         s

@@ -1,33 +1,38 @@
 //! The node's HTTP API: one router. Raft RPCs under /raft, the operator API under /v1,
 //! Prometheus under /metrics. Writes and linearizable reads that reach a follower are forwarded
 //! to the leader (once: a forwarded request is never forwarded again).
-use std::collections::BTreeSet;
-use std::sync::Arc;
+use std::collections::{BTreeSet, HashMap};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use axum::extract::{Json, State};
+use axum::extract::{DefaultBodyLimit, Json, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use axum::Router;
+use axum::{Extension, Router};
 use metrics_exporter_prometheus::PrometheusHandle;
 use serde::{Deserialize, Serialize};
 use tern_consensus::network::{APPEND_PATH, SNAPSHOT_PATH, VOTE_PATH};
+
+use crate::auth::Principal;
 use tern_consensus::openraft::error::{CheckIsLeaderError, ClientWriteError, RaftError};
 use tern_consensus::openraft::raft::{AppendEntriesRequest, InstallSnapshotRequest, VoteRequest};
-use tern_consensus::openraft::{BasicNode, ChangeMembers, ServerState};
+use tern_consensus::openraft::{BasicNode, ChangeMembers, ServerState, Vote};
 use tern_consensus::state::{Command, Host};
 use tern_consensus::{
     Applied, ClusterState, CommandError, ConsensusError, ConsensusNode, Request, TypeConfig,
 };
 
 const FORWARDED: &str = "x-tern-forwarded";
+/// Largest Raft request body: a snapshot chunk or append batch, JSON-encoded.
+pub const RAFT_BODY_LIMIT: usize = 64 << 20;
 
 #[derive(Clone)]
 pub struct ApiState {
     node: ConsensusNode,
     prometheus: PrometheusHandle,
-    client: reqwest::Client,
+    /// Mutual-TLS clients to peers, by (node id, address).
+    peers: Arc<Mutex<HashMap<(u64, String), (reqwest::Client, String)>>>,
 }
 
 /// An API failure with its HTTP status; the body is `{"error": "..."}`.
@@ -84,7 +89,13 @@ pub struct WriteReply {
 pub struct JoinBody {
     pub id: u64,
     pub addr: String,
+    /// Checked by every node the request passes (`tern cluster join-token`).
+    #[serde(default)]
+    pub join_token: Option<String>,
 }
+
+/// Voters the automatic rule keeps; further hosts stay learners (they run VMs all the same).
+pub const MAX_VOTERS: usize = 5;
 
 #[derive(Debug, Serialize, Deserialize)]
 pub struct RemoveBody {
@@ -112,9 +123,17 @@ pub struct Status {
 
 pub fn router(state: ApiState) -> Router {
     Router::new()
-        .route(APPEND_PATH, post(raft_append))
+        // Append batches and snapshot chunks are large (JSON-encoded bytes); only member nodes
+        // get this far (the auth middleware runs before any body is read).
+        .route(
+            APPEND_PATH,
+            post(raft_append).layer(DefaultBodyLimit::max(RAFT_BODY_LIMIT)),
+        )
         .route(VOTE_PATH, post(raft_vote))
-        .route(SNAPSHOT_PATH, post(raft_snapshot))
+        .route(
+            SNAPSHOT_PATH,
+            post(raft_snapshot).layer(DefaultBodyLimit::max(RAFT_BODY_LIMIT)),
+        )
         .route("/v1/status", get(status))
         .route("/v1/state", get(read_state))
         .route("/v1/hosts", get(list_hosts))
@@ -133,16 +152,39 @@ fn now_ms() -> u64 {
 
 impl ApiState {
     pub fn new(node: ConsensusNode, prometheus: PrometheusHandle) -> anyhow::Result<Self> {
-        let client = reqwest::Client::builder()
-            .local_address(node.source_ip)
-            .tcp_nodelay(true)
-            .timeout(Duration::from_secs(10))
-            .build()?;
         Ok(ApiState {
             node,
             prometheus,
-            client,
+            peers: Arc::default(),
         })
+    }
+
+    pub fn node(&self) -> &ConsensusNode {
+        &self.node
+    }
+
+    /// A mutual-TLS client to the member at `addr` and its base URL: the member's certificate
+    /// must name the node id the membership gives that address.
+    fn peer(&self, addr: &str) -> Result<(reqwest::Client, String), ApiError> {
+        let m = self.node.raft.metrics().borrow().clone();
+        let id = m
+            .membership_config
+            .membership()
+            .nodes()
+            .find(|(_, n)| n.addr == addr)
+            .map(|(id, _)| *id)
+            .ok_or_else(|| ApiError::unavailable(format!("{addr} is not a cluster member")))?;
+        let mut peers = self.peers.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(c) = peers.get(&(id, addr.to_string())) {
+            return Ok(c.clone());
+        }
+        let c = self
+            .node
+            .peers
+            .client(id, addr, Some(Duration::from_secs(10)))
+            .map_err(|e| ApiError::unavailable(e.to_string()))?;
+        peers.insert((id, addr.to_string()), c.clone());
+        Ok(c)
     }
 
     /// POST a JSON body to another node and decode its JSON answer, mapping API errors back.
@@ -153,7 +195,8 @@ impl ApiState {
         body: &B,
         as_forward: bool,
     ) -> Result<R, ApiError> {
-        let mut request = self.client.post(format!("http://{addr}{path}")).json(body);
+        let (client, base) = self.peer(addr)?;
+        let mut request = client.post(format!("{base}{path}")).json(body);
         if as_forward {
             request = request.header(FORWARDED, "1");
         }
@@ -169,9 +212,9 @@ impl ApiState {
         addr: &str,
         path: &str,
     ) -> Result<R, ApiError> {
-        let reply = self
-            .client
-            .get(format!("http://{addr}{path}"))
+        let (client, base) = self.peer(addr)?;
+        let reply = client
+            .get(format!("{base}{path}"))
             .header(FORWARDED, "1")
             .send()
             .await
@@ -312,25 +355,68 @@ fn is_forwarded(headers: &HeaderMap) -> bool {
     headers.contains_key(FORWARDED)
 }
 
+/// The sender of a Raft RPC must be the node its vote names: a member cannot speak for another.
+fn check_sender(who: &Principal, vote: &Vote<u64>) -> Result<(), ApiError> {
+    match who {
+        Principal::Node(id) if vote.leader_id().voted_for() == Some(*id) => Ok(()),
+        _ => Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "a Raft RPC must come from the node its vote names",
+        )),
+    }
+}
+
+/// What openraft assumes of an append but does not check: entries numbered consecutively
+/// after `prev_log_id`, terms never decreasing and never above the sender's term.
+pub fn check_append(rpc: &AppendEntriesRequest<TypeConfig>) -> Result<(), String> {
+    let mut index = rpc.prev_log_id.map_or(0, |l| l.index + 1);
+    let mut term = rpc.prev_log_id.map_or(0, |l| l.leader_id.term);
+    let vote_term = rpc.vote.leader_id().term;
+    if term > vote_term {
+        return Err("prev_log_id is from a later term than the sender's".into());
+    }
+    for e in &rpc.entries {
+        if e.log_id.index != index {
+            return Err(format!("entry {} where {index} was due", e.log_id.index));
+        }
+        if e.log_id.leader_id.term < term || e.log_id.leader_id.term > vote_term {
+            return Err(format!("entry {index} has an impossible term"));
+        }
+        term = e.log_id.leader_id.term;
+        index += 1;
+    }
+    if rpc.leader_commit.is_some_and(|c| c.leader_id.term > vote_term) {
+        return Err("commit index from a later term than the sender's".into());
+    }
+    Ok(())
+}
+
 async fn raft_append(
     State(s): State<ApiState>,
+    Extension(who): Extension<Principal>,
     Json(rpc): Json<AppendEntriesRequest<TypeConfig>>,
-) -> impl IntoResponse {
-    Json(s.node.raft.append_entries(rpc).await)
+) -> Result<Response, ApiError> {
+    check_sender(&who, &rpc.vote)?;
+    check_append(&rpc).map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e))?;
+    Ok(Json(s.node.raft.append_entries(rpc).await).into_response())
 }
 
 async fn raft_vote(
     State(s): State<ApiState>,
+    Extension(who): Extension<Principal>,
     Json(rpc): Json<VoteRequest<u64>>,
-) -> impl IntoResponse {
-    Json(s.node.raft.vote(rpc).await)
+) -> Result<Response, ApiError> {
+    check_sender(&who, &rpc.vote)?;
+    Ok(Json(s.node.raft.vote(rpc).await).into_response())
 }
 
 async fn raft_snapshot(
     State(s): State<ApiState>,
+    Extension(who): Extension<Principal>,
     Json(rpc): Json<InstallSnapshotRequest<TypeConfig>>,
-) -> impl IntoResponse {
-    Json(s.node.raft.install_snapshot(rpc).await)
+) -> Result<Response, ApiError> {
+    check_sender(&who, &rpc.vote)?;
+    Ok(Json(s.node.raft.install_snapshot(rpc).await).into_response())
 }
 
 async fn status(State(s): State<ApiState>) -> Json<Status> {
@@ -374,6 +460,7 @@ async fn read_state(
     for t in state.tasks.values_mut() {
         t.token.clear();
     }
+    state.access = state.access.redacted();
     Ok(Json(state))
 }
 
@@ -385,24 +472,31 @@ async fn list_hosts(
     Ok(Json(state.hosts.values().cloned().collect()))
 }
 
+/// Commit one command. Who did it is the authenticated caller (a member node forwarding an
+/// operator's request names that operator); when is the leader's clock.
 async fn write(
     State(s): State<ApiState>,
+    Extension(who): Extension<Principal>,
     headers: HeaderMap,
     Json(body): Json<WriteBody>,
 ) -> Result<Json<WriteReply>, ApiError> {
-    let actor = body.actor.unwrap_or_else(|| "api".to_string());
+    who.may(&body.command).map_err(|e| ApiError::new(StatusCode::FORBIDDEN, e.to_string()))?;
+    let actor = who.actor_for(body.actor);
     let applied = s
-        .propose(actor, body.at_ms, body.command, is_forwarded(&headers))
+        .propose(actor, None, body.command, is_forwarded(&headers))
         .await?;
     Ok(Json(WriteReply { applied }))
 }
 
-/// Add a node as learner (waiting until it has caught up), then promote it to voter.
+/// Add a node as learner (waiting until it has caught up), then promote it to voter while the
+/// cluster has fewer than `MAX_VOTERS`. Needs a valid join token; the node must already hold a
+/// certificate naming its id (`/v1/members/certify`), or the leader cannot reach it.
 async fn join(
     State(s): State<ApiState>,
     headers: HeaderMap,
     Json(body): Json<JoinBody>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
+    crate::access_api::check_join_token(&s, body.join_token.as_deref().unwrap_or(""))?;
     if s.node.raft.current_leader().await != Some(s.node.id) {
         let (_, addr) = s
             .leader_addr()
@@ -429,11 +523,15 @@ async fn join(
             .await
             .map_err(|e| ApiError::unavailable(format!("adding learner: {e}")))?;
     }
-    if !membership.voter_ids().any(|v| v == body.id) {
+    let voters = membership.voter_ids().count();
+    let voter = membership.voter_ids().any(|v| v == body.id);
+    if !voter && voters < MAX_VOTERS {
         s.change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([body.id])))
             .await?;
     }
-    Ok(Json(serde_json::json!({ "joined": body.id })))
+    Ok(Json(
+        serde_json::json!({ "joined": body.id, "voter": voter || voters < MAX_VOTERS }),
+    ))
 }
 
 /// Remove a host: drop it from the cluster state (refused while it owns VMs), then from Raft.

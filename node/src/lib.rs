@@ -1,20 +1,27 @@
 //! tern-node: the host agent (`tern node`): a Raft member plus its HTTP API, this host's VMs,
 //! the migration executor, and on the leader the DRS, maintenance and schedule loops.
+pub mod access_api;
 pub mod api;
+pub mod auth;
+pub mod client;
 pub mod controller;
 pub mod cron;
 pub mod datastore;
 pub mod host;
 mod host_info;
 pub mod inbound;
+mod join;
+pub mod listener;
 pub mod load;
 mod metrics;
 pub mod outbound;
+pub mod pki;
 pub mod queue_view;
 pub mod sched_view;
 pub mod vm_api;
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -27,6 +34,8 @@ pub struct NodeConfig {
     pub data: PathBuf,
     pub bootstrap: bool,
     pub join: Option<String>,
+    /// The join token (`tern cluster join-token`) a new node presents with `join`.
+    pub join_token: Option<String>,
     /// Address peers use for this node (default: the bound address).
     pub advertise: Option<String>,
     pub raft: RaftOptions,
@@ -51,9 +60,18 @@ pub async fn serve(cfg: NodeConfig) -> anyhow::Result<()> {
     let addr = cfg.advertise.clone().unwrap_or_else(|| bound.to_string());
     let mut raft_opts = cfg.raft.clone();
     raft_opts.source_ip = (!bound.ip().is_unspecified()).then_some(bound.ip());
-    let node = ConsensusNode::open(cfg.id, addr.clone(), &cfg.data, &raft_opts)
-        .await
-        .context("opening raft")?;
+    let addrs = vec![bound.to_string(), addr.clone()];
+    let (tls, admin_secret) = join::identity(&cfg, &addrs).await?;
+    let tls = Arc::new(tls);
+    let node = ConsensusNode::open(
+        cfg.id,
+        addr.clone(),
+        &cfg.data,
+        &raft_opts,
+        Arc::new(tls.peer_client_config()?),
+    )
+    .await
+    .context("opening raft")?;
     let prometheus = metrics::install(&node)?;
     let state = api::ApiState::new(node.clone(), prometheus)?;
     let datastore = match &cfg.datastore {
@@ -66,19 +84,44 @@ pub async fn serve(cfg: NodeConfig) -> anyhow::Result<()> {
         cfg.migrate_bandwidth_mib.saturating_mul(1 << 20),
         std::sync::atomic::Ordering::Relaxed,
     );
-    let router = api::router(state.clone()).merge(vm_api::router(ctx.clone()));
-    let server = tokio::spawn(async move { axum::serve(listener, router).await });
+    let access = access_api::AccessCtx {
+        api: state.clone(),
+        tls: tls.clone(),
+    };
+    let router = api::router(state.clone())
+        .merge(vm_api::router(ctx.clone()))
+        .merge(access_api::router(access))
+        .layer(axum::middleware::from_fn_with_state(
+            node.clone(),
+            auth::authorize,
+        ));
+    let server_tls = tls.server_config()?;
+    let server = tokio::spawn(listener::serve(
+        listener,
+        server_tls,
+        router,
+        listener::Limits::default(),
+    ));
     tracing::info!(id = cfg.id, %addr, "node listening");
     println!("tern node {} listening on {bound}", cfg.id);
 
     let initialized = node.raft.is_initialized().await?;
     if cfg.bootstrap {
         node.bootstrap().await?;
+        if let Some(secret) = admin_secret {
+            tokio::spawn(join::create_admin_token(state.clone(), secret));
+        }
     } else if !initialized {
-        let Some(seed) = cfg.join.clone() else {
-            anyhow::bail!("a new node needs --bootstrap or --join ADDR");
+        let (Some(seed), Some(token)) = (cfg.join.clone(), cfg.join_token.clone()) else {
+            anyhow::bail!("a new node needs --bootstrap, or --join ADDR with --join-token");
         };
-        tokio::spawn(join_loop(state.clone(), seed, cfg.id, addr.clone()));
+        tokio::spawn(join::join_loop(
+            tls.clone(),
+            seed,
+            cfg.id,
+            addr.clone(),
+            token,
+        ));
     }
     let mut info = host_info::probe();
     if let Some(m) = cfg.capacity_memory_mib {
@@ -99,21 +142,6 @@ pub async fn serve(cfg: NodeConfig) -> anyhow::Result<()> {
     }
     node.raft.shutdown().await.ok();
     Ok(())
-}
-
-/// Ask the seed (forwarded to the leader) to add us as learner then voter, until it works.
-async fn join_loop(state: api::ApiState, seed: String, id: u64, addr: String) {
-    let body = api::JoinBody { id, addr };
-    loop {
-        match state
-            .post_json::<_, serde_json::Value>(&seed, "/v1/members/join", &body, false)
-            .await
-        {
-            Ok(_) => return,
-            Err(e) => tracing::warn!("join via {seed}: {e:#}"),
-        }
-        tokio::time::sleep(Duration::from_millis(300)).await;
-    }
 }
 
 /// Record this host (address, capacity, CPU features) in the cluster state, until committed.

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use axum::extract::{Json, Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::routing::{get, post};
-use axum::Router;
+use axum::{Extension, Router};
 use serde::{Deserialize, Serialize};
 use tern_consensus::state::{
     AutomationLevel, Command, HostState, TaskId, TaskState, VmSpec, VmState,
@@ -14,6 +14,7 @@ use tern_consensus::Applied;
 use tern_hypervisor::{GuestStatus, Workload};
 
 use super::api::ApiError;
+use super::auth::Principal;
 use super::controller::{drs, queue_moves, DrsReport};
 use super::datastore::VmConfig;
 use super::host::{HostCtx, TaskProgress};
@@ -89,8 +90,10 @@ fn now_s() -> f64 {
 
 async fn create_vm(
     State(ctx): Ctx,
-    Json(body): Json<CreateVmBody>,
+    Extension(who): Extension<Principal>,
+    Json(mut body): Json<CreateVmBody>,
 ) -> Result<Json<CreateVmReply>, ApiError> {
+    body.actor = Some(who.actor_for(body.actor));
     let workload: Workload = body
         .workload
         .parse()
@@ -228,10 +231,15 @@ fn manual_placement_refusal(vm: &str, ranking: &tern_scheduler::Ranking) -> Stri
     msg
 }
 
-async fn set_state(ctx: &HostCtx, name: String, state: VmState) -> Result<Applied, ApiError> {
+async fn set_state(
+    ctx: &HostCtx,
+    who: &Principal,
+    name: String,
+    state: VmState,
+) -> Result<Applied, ApiError> {
     ctx.api
         .propose(
-            "api".into(),
+            who.actor(),
             None,
             Command::SetVmState { vm: name, state },
             false,
@@ -239,19 +247,31 @@ async fn set_state(ctx: &HostCtx, name: String, state: VmState) -> Result<Applie
         .await
 }
 
-async fn start_vm(State(ctx): Ctx, Path(name): Path<String>) -> Result<Json<Applied>, ApiError> {
-    Ok(Json(set_state(&ctx, name, VmState::Running).await?))
+async fn start_vm(
+    State(ctx): Ctx,
+    Extension(who): Extension<Principal>,
+    Path(name): Path<String>,
+) -> Result<Json<Applied>, ApiError> {
+    Ok(Json(set_state(&ctx, &who, name, VmState::Running).await?))
 }
 
-async fn stop_vm(State(ctx): Ctx, Path(name): Path<String>) -> Result<Json<Applied>, ApiError> {
-    Ok(Json(set_state(&ctx, name, VmState::Stopped).await?))
+async fn stop_vm(
+    State(ctx): Ctx,
+    Extension(who): Extension<Principal>,
+    Path(name): Path<String>,
+) -> Result<Json<Applied>, ApiError> {
+    Ok(Json(set_state(&ctx, &who, name, VmState::Stopped).await?))
 }
 
-async fn destroy_vm(State(ctx): Ctx, Path(name): Path<String>) -> Result<Json<Applied>, ApiError> {
+async fn destroy_vm(
+    State(ctx): Ctx,
+    Extension(who): Extension<Principal>,
+    Path(name): Path<String>,
+) -> Result<Json<Applied>, ApiError> {
     let applied = ctx
         .api
         .propose(
-            "api".into(),
+            who.actor(),
             None,
             Command::DeleteVm { vm: name.clone() },
             false,
@@ -368,8 +388,10 @@ pub async fn queue_migration(ctx: &HostCtx, body: MigrationBody) -> Result<TaskI
 
 async fn create_migration(
     State(ctx): Ctx,
-    Json(body): Json<MigrationBody>,
+    Extension(who): Extension<Principal>,
+    Json(mut body): Json<MigrationBody>,
 ) -> Result<Json<MigrationReply>, ApiError> {
+    body.actor = Some(who.actor_for(body.actor));
     Ok(Json(MigrationReply {
         task: queue_migration(&ctx, body).await?,
     }))
@@ -399,6 +421,7 @@ pub struct CancelBody {
 /// Cancel a task; the body (`{"actor": ...}`) is optional.
 async fn cancel_task(
     State(ctx): Ctx,
+    Extension(who): Extension<Principal>,
     Path(id): Path<TaskId>,
     body: axum::body::Bytes,
 ) -> Result<Json<Applied>, ApiError> {
@@ -407,7 +430,7 @@ async fn cancel_task(
     } else {
         serde_json::from_slice(&body).map_err(|e| bad(format!("bad cancel body: {e}")))?
     };
-    let actor = body.and_then(|b| b.actor).unwrap_or_else(|| "api".into());
+    let actor = who.actor_for(body.and_then(|b| b.actor));
     let applied = ctx
         .api
         .propose(
@@ -459,6 +482,7 @@ pub struct MaintenanceBody {
 /// Enter: the host stops taking VMs and the leader evacuates it. Exit: back to connected.
 async fn maintenance(
     State(ctx): Ctx,
+    Extension(who): Extension<Principal>,
     Path(id): Path<u64>,
     Json(body): Json<MaintenanceBody>,
 ) -> Result<Json<Applied>, ApiError> {
@@ -476,7 +500,7 @@ async fn maintenance(
     } else {
         HostState::Connected
     };
-    let actor = body.actor.unwrap_or_else(|| "api".into());
+    let actor = who.actor_for(body.actor);
     let applied = ctx
         .api
         .propose(
