@@ -4,8 +4,8 @@
 use std::path::PathBuf;
 use std::process::Command;
 
-const SOURCES: &[&str] = &["boot.S", "kernel.c", "workload.c"];
-const HEADERS: &[&str] = &["guest.h", "layout.h", "link.ld"];
+const SOURCES: &[&str] = &["boot.S", "kernel.c", "workload.c", "disk.c"];
+const HEADERS: &[&str] = &["guest.h", "disk.h", "layout.h", "link.ld"];
 
 const CFLAGS: &[&str] = &[
     "-m64",

@@ -64,7 +64,10 @@ impl PeerTls {
         let socket = resolve(addr)?;
         let name = node_name(id);
         let mut headers = reqwest::header::HeaderMap::new();
-        headers.insert(NODE_HEADER, reqwest::header::HeaderValue::from(self.self_id));
+        headers.insert(
+            NODE_HEADER,
+            reqwest::header::HeaderValue::from(self.self_id),
+        );
         let mut builder = reqwest::Client::builder()
             .use_preconfigured_tls((*self.config).clone())
             .resolve(&name, socket)
@@ -76,7 +79,10 @@ impl PeerTls {
         if let Some(t) = timeout {
             builder = builder.timeout(t);
         }
-        Ok((builder.build()?, format!("https://{name}:{}", socket.port())))
+        Ok((
+            builder.build()?,
+            format!("https://{name}:{}", socket.port()),
+        ))
     }
 }
 

@@ -31,13 +31,23 @@ struct status {
     u64 first_mismatch;
     u32 vcpus;
     u32 reserved;
-    u8 pad[0x100 - 0x60];
+    /* The disk workload (ABI.md "Disk"), appended in ABI version 1. */
+    u64 disk_written;        /* 4 KiB blocks written */
+    u64 disk_verified;       /* blocks read back and verified (at boot and after flushes) */
+    u64 disk_mismatches;
+    u64 disk_io_errors;      /* requests the device failed */
+    u64 disk_flushed_gen;    /* last generation whose blocks and table are flushed */
+    u64 disk_boot_verified;  /* blocks of a previous boot verified at this boot */
+    u64 disk_first_mismatch; /* data block index, ~0 if none */
+    u64 disk_blocks;         /* data blocks the workload uses, 0 = no disk workload */
+    u8 pad[0x100 - 0xa0];
     char message[256];
 };
 
 #define STATUS ((volatile struct status *)STATUS_ADDR)
 
 enum pattern { PATTERN_SEQ, PATTERN_RANDOM, PATTERN_HOTCOLD, PATTERN_ONCE };
+enum content { CONTENT_RANDOM, CONTENT_COMPRESSIBLE };
 
 /* What the ring-0 stub hands to the workload (read-only once the workload runs). */
 struct config {
@@ -49,6 +59,7 @@ struct config {
     u32 pattern;
     u32 ncpus;
     u32 *gen;       /* generation per working-set page */
+    u32 content;    /* enum content */
 };
 
 extern struct config cfg;
@@ -74,6 +85,13 @@ static inline u64 splitmix64(u64 x)
 static inline u64 page_word(u64 i, u64 g, u64 w)
 {
     return splitmix64((i << 32) ^ (g << 8) ^ w);
+}
+
+/* Word w of page i at generation g under content=compressible: every fourth word as
+ * page_word, the other three the generation (ABI.md, "Page contents"). */
+static inline u64 compressible_word(u64 i, u64 g, u64 w)
+{
+    return (w & 3) ? g : page_word(i, g, w);
 }
 
 #endif

@@ -4,6 +4,7 @@
  * (workload.c). Ring-0 code is slow under PVM, so this file does as little as it can.
  */
 #include "guest.h"
+#include "disk.h"
 
 #define MB_BOOT_MAGIC 0x2BADB002
 
@@ -148,6 +149,89 @@ static void bad_word(const char *what, const char *w, int n)
 
 static u64 wss_bytes = 64ULL << 20;
 
+/* content=random|compressible (ABI.md, "Page contents"). */
+static void parse_content(const char *v, int vn, const char *w, int n)
+{
+    if (streq(v, "random", vn))
+        cfg.content = CONTENT_RANDOM;
+    else if (streq(v, "compressible", vn))
+        cfg.content = CONTENT_COMPRESSIBLE;
+    else
+        bad_word("command line: bad content (random, compressible): ", w, n);
+}
+
+/* 0x-prefixed hexadecimal; 0 on success. */
+static int parse_hex(const char *s, int n, u64 *out)
+{
+    u64 v = 0;
+    if (n < 3 || n > 18 || s[0] != '0' || (s[1] != 'x' && s[1] != 'X'))
+        return -1;
+    for (int i = 2; i < n; i++) {
+        char c = s[i];
+        u64 d = c >= '0' && c <= '9' ? (u64)(c - '0')
+                : c >= 'a' && c <= 'f' ? (u64)(c - 'a' + 10)
+                : c >= 'A' && c <= 'F' ? (u64)(c - 'A' + 10)
+                : 16;
+        if (d == 16)
+            return -1;
+        v = v << 4 | d;
+    }
+    *out = v;
+    return 0;
+}
+
+/* virtio_mmio.device=<size>@<base>:<irq>, the form Linux reads; the first one is the disk. */
+static void parse_virtio_mmio(const char *v, int vn, const char *w, int n)
+{
+    int at = -1, colon = -1;
+    for (int i = 0; i < vn; i++) {
+        if (v[i] == '@' && at < 0)
+            at = i;
+        if (v[i] == ':' && at >= 0)
+            colon = i;
+    }
+    u64 size, base, irq;
+    if (at < 1 || colon < at + 2 || parse_u64(v, at, 1, &size) ||
+        parse_hex(v + at + 1, colon - at - 1, &base) ||
+        parse_u64(v + colon + 1, vn - colon - 1, 0, &irq) || size < 0x200 ||
+        base < 0xfc000000ULL || base + size > IDENTITY_MAP_END || (base & 0xfff) || irq > 255)
+        bad_word("command line: bad virtio_mmio.device (4K@0xADDR:IRQ in the top 64M below 4G): ",
+                 w, n);
+    if (!dcfg.mmio) {
+        dcfg.mmio = base;
+        dcfg.irq = (u32)irq;
+    }
+}
+
+/* The disk workload's keys (ABI.md "Command line"); 1 if `w` was one of them. */
+static int parse_disk_key(const char *w, int eq, const char *v, int vn, int n)
+{
+    if (streq(w, "virtio_mmio.device", eq)) {
+        parse_virtio_mmio(v, vn, w, n);
+    } else if (streq(w, "disk", eq)) {
+        if (parse_u64(v, vn, 1, &dcfg.bytes) || (dcfg.bytes & 4095) ||
+            (dcfg.bytes && dcfg.bytes < (64ULL << 10)) || dcfg.bytes > DISK_MAX_BYTES)
+            bad_word("command line: bad disk (0, or 64K..1G in 4K units): ", w, n);
+    } else if (streq(w, "iops", eq)) {
+        if (parse_u64(v, vn, 0, &dcfg.iops) || dcfg.iops > 1000000000ULL)
+            bad_word("command line: bad iops (write requests/s, 0 = unlimited): ", w, n);
+    } else if (streq(w, "dflush", eq)) {
+        if (parse_u64(v, vn, 0, &dcfg.flush_every) || dcfg.flush_every < 1 ||
+            dcfg.flush_every > 256)
+            bad_word("command line: bad dflush (writes per flush, 1..256): ", w, n);
+    } else if (streq(w, "dio", eq)) {
+        if (streq(v, "random", vn))
+            dcfg.mode = DISK_RANDOM;
+        else if (streq(v, "seq", vn))
+            dcfg.mode = DISK_SEQ;
+        else
+            bad_word("command line: bad dio (random, seq): ", w, n);
+    } else {
+        return 0;
+    }
+    return 1;
+}
+
 static void parse_cmdline(void)
 {
     const char *p = cmdline;
@@ -156,6 +240,8 @@ static void parse_cmdline(void)
     cfg.duty = 100;
     cfg.seed = 1;
     cfg.pattern = PATTERN_SEQ;
+    cfg.content = CONTENT_RANDOM;
+    dcfg.flush_every = 16;
     while (*p) {
         while (*p == ' ' || *p == '\t')
             p++;
@@ -204,7 +290,9 @@ static void parse_cmdline(void)
                 cfg.pattern = PATTERN_ONCE;
             else
                 bad_word("command line: bad pattern (seq, random, hotcold, once): ", w, n);
-        } else {
+        } else if (streq(w, "content", eq)) {
+            parse_content(v, vn, w, n);
+        } else if (!parse_disk_key(w, eq, v, vn, n)) {
             bad_word("command line: unknown key in ", w, n);
         }
     }
@@ -580,6 +668,7 @@ void kmain(u32 magic, u32 mbi_addr)
     st->version = STATUS_VERSION;
     st->state = STATE_BOOTING;
     st->first_mismatch = ~0ULL;
+    st->disk_first_mismatch = ~0ULL;
     if (magic != MB_BOOT_MAGIC)
         fatal("not started by a multiboot loader (bad EAX)");
     if (!ram_top)

@@ -5,6 +5,7 @@
  * part of each 10 ms duty period in HLT through int 0x80.
  */
 #include "guest.h"
+#include "disk.h"
 
 #define FLUSH_EVERY 16
 
@@ -30,6 +31,11 @@ static void max_update(volatile u64 *slot, u64 v)
 
 static inline u64 *page_addr(u64 i) { return (u64 *)(u64)(WSS_BASE + i * 4096); }
 
+static inline u64 content_word(u64 i, u64 g, u64 w)
+{
+    return cfg.content == CONTENT_COMPRESSIBLE ? compressible_word(i, g, w) : page_word(i, g, w);
+}
+
 static void write_page(u64 i)
 {
     u32 g = cfg.gen[i] + 1;
@@ -37,7 +43,7 @@ static void write_page(u64 i)
         g = 1; /* generation 0 means "never written" */
     u64 *p = page_addr(i);
     for (u64 w = 0; w < 512; w++)
-        p[w] = page_word(i, g, w);
+        p[w] = content_word(i, g, w);
     cfg.gen[i] = g;
 }
 
@@ -49,7 +55,7 @@ static int page_ok(u64 i)
         return 1;
     const volatile u64 *p = page_addr(i);
     for (u64 w = 0; w < 512; w++)
-        if (p[w] != page_word(i, g, w))
+        if (p[w] != content_word(i, g, w))
             return 0;
     return 1;
 }
@@ -85,6 +91,11 @@ void user_main(u32 cpu)
     }
     if (total > 0xffffffffULL)
         sys_fatal("working set too large");
+
+    /* vCPU 0 also drives the disk workload; its I/O time is not counted as a stall. */
+    const int disk = cpu == 0 && dcfg.bytes;
+    if (disk)
+        disk_init();
 
     u64 prng = splitmix64(cfg.seed ^ ((u64)cpu << 48));
     if (!prng)
@@ -164,6 +175,9 @@ void user_main(u32 cpu)
                     next_write = now;
             }
         }
+
+        if (disk && disk_step(now))
+            last = rdtsc();
 
         u64 vi = verify * n + cpu;
         if (++verify == mine)

@@ -4,6 +4,8 @@
 //!
 //! Entry point: [`Vm`]. See docs/hypervisor.md for the API tour.
 pub mod cpu;
+pub mod devices;
+pub mod disk_workload;
 pub mod error;
 pub mod guest_image;
 mod kick;
@@ -21,6 +23,6 @@ pub use cpu::CpuFeatures;
 pub use error::{Error, Result};
 pub use memory::{GuestMemory, PAGE_SIZE};
 pub use state::{VcpuState, VmState, STATE_VERSION};
-pub use status::{GuestState, GuestStatus, STATUS_ADDR};
+pub use status::{DiskStatus, GuestState, GuestStatus, STATUS_ADDR};
 pub use vm::{RunState, Vm, VmConfig, THROTTLE_WINDOW};
-pub use workload::{Pattern, Workload};
+pub use workload::{Content, Pattern, Workload};

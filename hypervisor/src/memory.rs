@@ -3,9 +3,16 @@
 //! Access from the host goes through raw-pointer copies so that it is safe to use while
 //! vCPUs run (the guest may change bytes underneath, exactly as on real hardware); the API
 //! outside is safe and bounds-checked. Pages written by the VMM itself are recorded in a
-//! bitmap of their own, merged into the KVM dirty log by the VM.
+//! bitmap of their own, merged into the KVM dirty log by the VM. Devices see the same
+//! mapping as a `vm-memory` [`DeviceMemory`], whose own dirty bitmap is merged the same way.
 use crate::error::{Error, Result};
 use std::sync::atomic::{AtomicU64, Ordering};
+use vm_memory::bitmap::AtomicBitmap;
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestRegionMmap, MmapRegion};
+
+/// Guest memory as the rust-vmm device crates (`virtio-queue`) see it: the same mapping,
+/// with every device write recorded in an [`AtomicBitmap`] for migration.
+pub type DeviceMemory = GuestMemoryMmap<AtomicBitmap>;
 
 /// Guest page size.
 pub const PAGE_SIZE: u64 = 4096;
@@ -20,6 +27,8 @@ pub struct GuestMemory {
     ptr: *mut u8,
     size: u64,
     vmm_dirty: Vec<AtomicU64>,
+    /// A view of the same mapping for devices; it does not own (or unmap) it.
+    device_view: DeviceMemory,
 }
 
 // SAFETY: the mapping is owned by this value and only accessed by byte copies through
@@ -65,11 +74,25 @@ impl GuestMemory {
         }
         let pages = size / PAGE_SIZE;
         let words = pages.div_ceil(64) as usize;
+        let device_view = match device_view(ptr.cast(), size) {
+            Ok(v) => v,
+            Err(e) => {
+                // SAFETY: we mapped it above and nothing else refers to it yet.
+                unsafe { libc::munmap(ptr, size as usize) };
+                return Err(e);
+            }
+        };
         Ok(Self {
             ptr: ptr.cast(),
             size,
             vmm_dirty: (0..words).map(|_| AtomicU64::new(0)).collect(),
+            device_view,
         })
+    }
+
+    /// The device view of this memory (`vm-memory`), for descriptor chains and device I/O.
+    pub fn device_view(&self) -> &DeviceMemory {
+        &self.device_view
     }
 
     /// Size in bytes.
@@ -156,11 +179,23 @@ impl GuestMemory {
     }
 
     /// Takes (and clears) the bitmap of pages the VMM wrote, one bit per page, LSB first.
+    /// Includes the pages devices wrote through [`Self::device_view`].
     pub(crate) fn take_vmm_dirty(&self) -> Vec<u64> {
-        self.vmm_dirty
+        let mut bits: Vec<u64> = self
+            .vmm_dirty
             .iter()
             .map(|w| w.swap(0, Ordering::Relaxed))
-            .collect()
+            .collect();
+        for region in self.device_view.iter() {
+            // One region at guest-physical 0, one bit per 4 KiB page, LSB first: same layout.
+            for (b, d) in bits
+                .iter_mut()
+                .zip(MmapRegion::bitmap(region).get_and_reset())
+            {
+                *b |= d;
+            }
+        }
+        bits
     }
 
     /// Bitmap (one bit per page, LSB first in each u64) of pages that were ever touched,
@@ -226,6 +261,27 @@ impl GuestMemory {
     }
 }
 
+/// Wraps the mapping at `ptr` (`size` bytes, owned by the caller) as a one-region
+/// [`DeviceMemory`] at guest-physical 0.
+fn device_view(ptr: *mut u8, size: u64) -> Result<DeviceMemory> {
+    let err = |e: String| Error::Memory(format!("device view of guest memory: {e}"));
+    // SAFETY: `ptr..ptr + size` is a live private anonymous read/write mapping owned by the
+    // `GuestMemory` that also owns the returned view, so it outlives the view; a raw region
+    // is never unmapped by vm-memory.
+    let region = unsafe {
+        MmapRegion::<AtomicBitmap>::build_raw(
+            ptr,
+            size as usize,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+        )
+    }
+    .map_err(|e| err(e.to_string()))?;
+    let region = GuestRegionMmap::new(region, GuestAddress(0))
+        .ok_or_else(|| err("region overflows".into()))?;
+    GuestMemoryMmap::from_regions(vec![region]).map_err(|e| err(e.to_string()))
+}
+
 impl Drop for GuestMemory {
     fn drop(&mut self) {
         // SAFETY: we own the mapping; nothing refers to it once the VM (and KVM slot) is gone.
@@ -256,6 +312,24 @@ mod tests {
         assert_eq!(dirty[0], 0b10);
         assert_eq!(m.take_vmm_dirty()[0], 0);
         assert!(m.touched_pages().unwrap() >= 1);
+    }
+
+    #[test]
+    fn device_writes_are_dirty_and_visible() {
+        use vm_memory::Bytes;
+        let m = GuestMemory::new(MIN_MEMORY).unwrap();
+        let _ = m.take_vmm_dirty();
+        m.device_view()
+            .write_obj(0x1234_5678_u64, GuestAddress(0x5008))
+            .unwrap();
+        assert_eq!(m.read_u64(0x5008).unwrap(), 0x1234_5678);
+        let dirty = m.take_vmm_dirty();
+        assert_eq!(dirty[0], 1 << 5);
+        assert_eq!(m.take_vmm_dirty()[0], 0);
+        assert!(m
+            .device_view()
+            .write_obj(1u64, GuestAddress(MIN_MEMORY))
+            .is_err());
     }
 
     #[test]

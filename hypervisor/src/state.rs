@@ -1,5 +1,6 @@
 //! The full VM state as a versioned serde blob (memory travels separately).
 use crate::cpu::CpuFeatures;
+use crate::devices::DeviceState;
 use crate::error::{Error, Result};
 use crate::serial::SerialState;
 use kvm_bindings::{
@@ -9,7 +10,8 @@ use kvm_bindings::{
 use serde::{Deserialize, Serialize};
 
 /// Bumped on any incompatible change of [`VmState`].
-pub const STATE_VERSION: u32 = 1;
+/// 2: device sections (`devices`).
+pub const STATE_VERSION: u32 = 2;
 
 /// One vCPU's architectural state, in KVM's own structures.
 #[derive(Serialize, Deserialize)]
@@ -44,6 +46,8 @@ pub struct VmState {
     /// Host wall-clock time of the save, nanoseconds since the Unix epoch.
     pub saved_at_unix_ns: u64,
     pub cpu_features: CpuFeatures,
+    /// One versioned section per MMIO device, in bus order.
+    pub devices: Vec<DeviceState>,
 }
 
 impl std::fmt::Debug for VmState {
@@ -53,6 +57,7 @@ impl std::fmt::Debug for VmState {
             .field("memory_size", &self.memory_size)
             .field("vcpus", &self.vcpus.len())
             .field("tsc_khz", &self.tsc_khz)
+            .field("devices", &self.devices.len())
             .finish_non_exhaustive()
     }
 }
@@ -99,6 +104,7 @@ mod tests {
         let err = VmState::from_bytes(br#"{"version":99}"#).unwrap_err();
         assert!(err.to_string().contains("version 99"), "{err}");
         assert!(VmState::from_bytes(br#"{"version":1}"#).is_err());
+        assert!(VmState::from_bytes(br#"{"version":2}"#).is_err());
     }
 
     proptest! {

@@ -36,6 +36,28 @@ pub struct GuestStatus {
     pub vcpus_running: u32,
     /// The guest's error message when `state` is `Error`.
     pub error: Option<String>,
+    /// The disk workload's counters (all zero without one).
+    pub disk: DiskStatus,
+}
+
+/// The disk workload's part of the status page (ABI.md "Status page", 0x60..0xa0).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskStatus {
+    /// Data blocks the workload uses; 0 = no disk workload.
+    pub blocks: u64,
+    /// 4 KiB blocks written.
+    pub written: u64,
+    /// Blocks read back and verified (at boot and after each flush).
+    pub verified: u64,
+    pub mismatches: u64,
+    /// Requests the device failed.
+    pub io_errors: u64,
+    /// Last generation whose blocks and table are flushed.
+    pub flushed_gen: u64,
+    /// Blocks a previous boot flushed, verified at this boot.
+    pub boot_verified: u64,
+    /// First mismatching data block (`u64::MAX - 1`: the superblock).
+    pub first_mismatch: Option<u64>,
 }
 
 impl GuestStatus {
@@ -101,6 +123,20 @@ impl GuestStatus {
             first_mismatch: (first != u64::MAX).then_some(first),
             vcpus_running: u32_at(0x58),
             error,
+            disk: DiskStatus {
+                written: u64_at(0x60),
+                verified: u64_at(0x68),
+                mismatches: u64_at(0x70),
+                io_errors: u64_at(0x78),
+                flushed_gen: u64_at(0x80),
+                boot_verified: u64_at(0x88),
+                first_mismatch: {
+                    let f = u64_at(0x90);
+                    // 0 before the guest initialised the field (older guests: no disk).
+                    (f != u64::MAX && u64_at(0x98) != 0).then_some(f)
+                },
+                blocks: u64_at(0x98),
+            },
         })
     }
 }

@@ -1,6 +1,8 @@
 //! A VM: guest memory, in-kernel irqchip and PIT, vCPU threads, the serial port, pause and
 //! resume, dirty logging, throttling and full state save/restore.
 use crate::cpu::{self, CpuFeatures};
+use crate::devices::virtio::{Blk, DiskConfig, VirtioMmio};
+use crate::devices::MmioBus;
 use crate::error::{kvm, Error, Result};
 use crate::kick;
 use crate::memory::GuestMemory;
@@ -97,6 +99,7 @@ struct Shared {
     throttle: AtomicU8,
     error: Mutex<Option<String>>,
     warned_ports: Mutex<HashSet<u64>>,
+    mmio: MmioBus,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -191,6 +194,7 @@ impl Vm {
             throttle: AtomicU8::new(0),
             error: Mutex::new(None),
             warned_ports: Mutex::new(HashSet::new()),
+            mmio: MmioBus::default(),
         });
         kick::install();
         let mut vm = Self {
@@ -273,11 +277,31 @@ impl Vm {
         }
     }
 
-    /// Loads a multiboot v1 image with `cmdline` and starts the boot vCPU; the others wait
-    /// for the guest's INIT-SIPI-SIPI.
+    /// Attaches a virtio-blk disk (a raw image, opened now) in the next MMIO slot; only
+    /// before `boot` or `restore_state`. Returns its (MMIO base, interrupt line). A VM that
+    /// is restored must have the same disks attached in the same order as the saved one.
+    pub fn attach_disk(&mut self, disk: &DiskConfig) -> Result<(u64, u32)> {
+        self.require("attach_disk", &[RunState::Created], "a fresh VM")?;
+        let blk = Blk::open(disk)?;
+        let dev = VirtioMmio::new(Box::new(blk), self.shared.mem.clone())?;
+        self.shared.mmio.insert(Box::new(dev))
+    }
+
+    /// The kernel command-line words that announce this VM's devices
+    /// (`virtio_mmio.device=4K@0xfd000000:5`, the form Linux reads); `boot` appends them.
+    pub fn device_cmdline(&self) -> Vec<String> {
+        self.shared.mmio.cmdline()
+    }
+
+    /// Loads a multiboot v1 image with `cmdline` (plus the device words of
+    /// [`Self::device_cmdline`]) and starts the boot vCPU; the others wait for the guest's
+    /// INIT-SIPI-SIPI.
     pub fn boot(&mut self, image: &[u8], cmdline: &str) -> Result<()> {
         self.require("boot", &[RunState::Created], "a fresh VM")?;
-        let loaded = multiboot::load(&self.shared.mem, image, cmdline)?;
+        let mut words = vec![cmdline.to_string()];
+        words.extend(self.device_cmdline());
+        let cmdline = words.join(" ");
+        let loaded = multiboot::load(&self.shared.mem, image, &cmdline)?;
         cpu::set_multiboot_entry(&lock(&self.vcpus[0]), loaded.entry, loaded.mbi)?;
         self.state = RunState::Paused;
         self.resume().map(|_| ())
@@ -472,6 +496,7 @@ impl Vm {
             tsc_khz: self.tsc_khz,
             saved_at_unix_ns: state::now_unix_ns(),
             cpu_features: self.cpu_features(),
+            devices: self.shared.mmio.save()?,
         })
     }
 
@@ -543,6 +568,8 @@ impl Vm {
         for chip in [&saved.pic_master, &saved.pic_slave, &saved.ioapic] {
             vm.set_irqchip(chip).map_err(kvm("KVM_SET_IRQCHIP"))?;
         }
+        // After the irqchip, so that the lines the devices drive land on the restored IOAPIC.
+        self.shared.mmio.restore(&saved.devices, vm)?;
         for (fd, vs) in self.vcpus.iter().zip(&saved.vcpus) {
             restore_vcpu(&lock(fd), vs, tsc_advance)?;
         }
@@ -711,14 +738,25 @@ fn vcpu_loop(idx: usize, shared: &Shared, fd: &Mutex<VcpuFd>) -> std::result::Re
                 data.iter_mut().for_each(|b| *b = v);
                 Ok(())
             }
-            Ok(VcpuExit::MmioRead(addr, data)) => {
-                warn_once(shared, "MMIO read", addr);
-                data.iter_mut().for_each(|b| *b = 0xff);
-                Ok(())
-            }
-            Ok(VcpuExit::MmioWrite(addr, _)) => {
-                warn_once(shared, "MMIO write", addr);
-                Ok(())
+            Ok(VcpuExit::MmioRead(addr, data)) => match shared.mmio.read(addr, data, &shared.vm_fd)
+            {
+                Ok(true) => Ok(()),
+                Ok(false) => {
+                    warn_once(shared, "MMIO read", addr);
+                    data.iter_mut().for_each(|b| *b = 0xff);
+                    Ok(())
+                }
+                Err(e) => Err(format!("MMIO read at {addr:#x}: {e}")),
+            },
+            Ok(VcpuExit::MmioWrite(addr, data)) => {
+                match shared.mmio.write(addr, data, &shared.vm_fd) {
+                    Ok(true) => Ok(()),
+                    Ok(false) => {
+                        warn_once(shared, "MMIO write", addr);
+                        Ok(())
+                    }
+                    Err(e) => Err(format!("MMIO write at {addr:#x}: {e}")),
+                }
             }
             Ok(VcpuExit::Intr) | Ok(VcpuExit::Hlt) | Ok(VcpuExit::IrqWindowOpen) => Ok(()),
             Ok(VcpuExit::Shutdown) => Err("guest shut down (triple fault)".to_string()),

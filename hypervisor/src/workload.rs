@@ -1,5 +1,6 @@
 //! The test guest's workload: parsed from `wss=256M,rate=50000,pattern=random,duty=30` and
 //! rendered into the guest command line of ABI.md (the same words, space-separated).
+use crate::disk_workload::DiskWorkload;
 use crate::error::{Error, Result};
 use serde::{Deserialize, Serialize};
 use std::fmt;
@@ -27,6 +28,40 @@ impl fmt::Display for Pattern {
     }
 }
 
+/// What the guest writes into a page (ABI.md "Page contents").
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Content {
+    /// Every word pseudo-random from (page, generation, word): zstd cannot shrink it.
+    #[default]
+    Random,
+    /// One word in four pseudo-random, the others the generation: zstd shrinks it ~3.5x.
+    Compressible,
+}
+
+impl fmt::Display for Content {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Content::Random => "random",
+            Content::Compressible => "compressible",
+        })
+    }
+}
+
+impl FromStr for Content {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "random" => Ok(Content::Random),
+            "compressible" => Ok(Content::Compressible),
+            _ => Err(Error::Workload(format!(
+                "content={s:?} is not one of random, compressible"
+            ))),
+        }
+    }
+}
+
 /// The guest workload (ABI.md "Command line").
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Workload {
@@ -38,6 +73,12 @@ pub struct Workload {
     /// Busy percentage 1..=100.
     pub duty: u8,
     pub seed: u64,
+    /// Page contents; the default (random) is incompressible.
+    #[serde(default)]
+    pub content: Content,
+    /// The disk workload (`disk=64M,iops=2000,...`); off by default.
+    #[serde(default)]
+    pub disk: DiskWorkload,
 }
 
 impl Default for Workload {
@@ -48,6 +89,8 @@ impl Default for Workload {
             pattern: Pattern::Seq,
             duty: 100,
             seed: 1,
+            content: Content::Random,
+            disk: DiskWorkload::default(),
         }
     }
 }
@@ -125,13 +168,16 @@ impl FromStr for Workload {
                         }
                     }
                 }
+                "content" => w.content = value.parse()?,
+                k if w.disk.parse_key(k, value)? => {}
                 _ => {
                     return Err(Error::Workload(format!(
-                        "unknown key {key:?} (known: wss, rate, pattern, duty, seed)"
+                        "unknown key {key:?} (known: wss, rate, pattern, duty, seed, content, disk, iops, dio, dflush)"
                     )))
                 }
             }
         }
+        w.disk.validate()?;
         if w.wss == 0 || w.wss % 4096 != 0 {
             return Err(Error::Workload(format!(
                 "wss={} must be a non-zero multiple of 4K",
@@ -146,13 +192,23 @@ impl Workload {
     /// The guest command line (ABI.md): space-separated `key=value` words.
     pub fn cmdline(&self) -> String {
         format!(
-            "wss={} rate={} pattern={} duty={} seed={}",
+            "wss={} rate={} pattern={} duty={} seed={}{}{}",
             format_size(self.wss),
             self.rate,
             self.pattern,
             self.duty,
-            self.seed
+            self.seed,
+            self.content_word().replace(',', " "),
+            self.disk.to_string().replace(',', " ")
         )
+    }
+
+    /// `,content=...` when not the default, so today's command lines stay as they were.
+    fn content_word(&self) -> String {
+        match self.content {
+            Content::Random => String::new(),
+            c => format!(",content={c}"),
+        }
     }
 
     /// Guest RAM this workload needs at least: working set at 16 MiB plus its generation
@@ -167,12 +223,14 @@ impl fmt::Display for Workload {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "wss={},rate={},pattern={},duty={},seed={}",
+            "wss={},rate={},pattern={},duty={},seed={}{}{}",
             format_size(self.wss),
             self.rate,
             self.pattern,
             self.duty,
-            self.seed
+            self.seed,
+            self.content_word(),
+            self.disk
         )
     }
 }
@@ -199,6 +257,18 @@ mod tests {
     }
 
     #[test]
+    fn disk_keys_round_trip() {
+        let w: Workload = "wss=8M,disk=64M,iops=2000".parse().unwrap();
+        assert_eq!(w.disk.bytes, 64 << 20);
+        assert_eq!(
+            w.cmdline(),
+            "wss=8M rate=0 pattern=seq duty=100 seed=1 disk=64M iops=2000 dio=random dflush=16"
+        );
+        assert_eq!(w.to_string().parse::<Workload>().unwrap(), w);
+        assert!("disk=3G".parse::<Workload>().is_err());
+    }
+
+    #[test]
     fn bad_strings_get_clear_errors() {
         for (s, needle) in [
             ("wss=12Q", "unknown suffix"),
@@ -210,10 +280,24 @@ mod tests {
             ("rate", "key=value"),
             ("wss=100", "multiple of 4K"),
             ("wss=99999999999G", "too large"),
+            ("content=zeros", "content"),
         ] {
             let err = s.parse::<Workload>().unwrap_err().to_string();
             assert!(err.contains(needle), "{s}: {err}");
         }
+    }
+
+    #[test]
+    fn content_option_is_parsed_and_only_rendered_when_not_the_default() {
+        let w: Workload = "wss=4M,content=compressible".parse().unwrap();
+        assert_eq!(w.content, Content::Compressible);
+        assert_eq!(
+            w.cmdline(),
+            "wss=4M rate=0 pattern=seq duty=100 seed=1 content=compressible"
+        );
+        let r: Workload = "wss=4M,content=random".parse().unwrap();
+        assert_eq!(r.content, Content::Random);
+        assert_eq!(r.cmdline(), "wss=4M rate=0 pattern=seq duty=100 seed=1");
     }
 
     proptest! {
@@ -223,9 +307,10 @@ mod tests {
         }
 
         #[test]
-        fn display_round_trips(pages in 1u64..1_000_000, rate in 0u64..10_000_000, duty in 1u8..=100, seed: u64, p in 0..4) {
+        fn display_round_trips(pages in 1u64..1_000_000, rate in 0u64..10_000_000, duty in 1u8..=100, seed: u64, p in 0..4, compressible: bool) {
             let pattern = [Pattern::Seq, Pattern::Random, Pattern::Hotcold, Pattern::Once][p as usize];
-            let w = Workload { wss: pages * 4096, rate, pattern, duty, seed };
+            let content = if compressible { Content::Compressible } else { Content::Random };
+            let w = Workload { wss: pages * 4096, rate, pattern, duty, seed, content, disk: DiskWorkload::default() };
             prop_assert_eq!(w.to_string().parse::<Workload>().unwrap(), w);
         }
     }

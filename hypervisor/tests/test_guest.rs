@@ -100,6 +100,73 @@ fn boots_on_two_vcpus_and_verifies_its_pages() {
     assert_eq!(checked, 8);
 }
 
+/// Guest pages that have been written (generation != 0), read while the VM is paused:
+/// (index, generation, bytes), at most `max` of them.
+fn written_pages(vm: &mut Vm, wss_pages: u64, max: usize) -> Vec<(u64, u32, Vec<u8>)> {
+    vm.pause().unwrap();
+    let mut out = Vec::new();
+    for i in 0..wss_pages {
+        let gen = vm
+            .memory()
+            .read_u32(WSS_BASE + wss_pages * 4096 + 4 * i)
+            .unwrap();
+        if gen == 0 {
+            continue;
+        }
+        let mut page = vec![0u8; 4096];
+        vm.memory().read(WSS_BASE + i * 4096, &mut page).unwrap();
+        out.push((i, gen, page));
+        if out.len() == max {
+            break;
+        }
+    }
+    vm.resume().unwrap();
+    out
+}
+
+/// zstd (level 1, as migration uses) compressed size over original size.
+fn zstd_ratio(pages: &[(u64, u32, Vec<u8>)]) -> f64 {
+    let all: Vec<u8> = pages
+        .iter()
+        .flat_map(|(_, _, p)| p.iter().copied())
+        .collect();
+    zstd::bulk::compress(&all, 1).unwrap().len() as f64 / all.len() as f64
+}
+
+#[test]
+fn content_option_decides_how_compressible_pages_are() {
+    if !kvm_or_skip() {
+        return;
+    }
+    for (content, lo, hi) in [("random", 0.99, 1.01), ("compressible", 0.2, 0.35)] {
+        let mut vm = guest_vm(64 << 20, 1);
+        vm.boot(IMAGE, &format!("wss=4M rate=0 content={content}"))
+            .unwrap();
+        let st = wait_running(&vm, 1);
+        wait_for("every page written", BOOT, || {
+            status(&vm).is_some_and(|s| s.pages_written > 2 * st.wss_pages)
+        });
+        let pages = written_pages(&mut vm, st.wss_pages, 256);
+        assert_eq!(pages.len(), 256, "{content}");
+        for (i, gen, page) in &pages {
+            for w in 0..512u64 {
+                let got = u64::from_le_bytes(page[w as usize * 8..][..8].try_into().unwrap());
+                let want = match (content, w % 4) {
+                    ("compressible", 1..) => u64::from(*gen),
+                    _ => page_word(*i, u64::from(*gen), w),
+                };
+                assert_eq!(got, want, "{content}: page {i} word {w} gen {gen}");
+            }
+        }
+        let ratio = zstd_ratio(&pages);
+        assert!(
+            (lo..=hi).contains(&ratio),
+            "{content}: zstd ratio {ratio:.3} outside {lo}..={hi}"
+        );
+        assert_eq!(status(&vm).unwrap().mismatches, 0, "{content}");
+    }
+}
+
 fn page_word(i: u64, g: u64, w: u64) -> u64 {
     let mut z = ((i << 32) ^ (g << 8) ^ w).wrapping_add(0x9e37_79b9_7f4a_7c15);
     z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);

@@ -69,7 +69,8 @@ impl Principal {
 /// What a route needs from its caller.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Need {
-    /// Anyone: the cluster CA (public), and joining (the handler checks the join token).
+    /// Anyone: the cluster CA (public), and certifying and joining (the service checks the
+    /// join token).
     Public,
     /// A member node only (Raft, load reports, migration prepare).
     Peer,
@@ -83,7 +84,9 @@ pub fn route_need(method: &Method, path: &str) -> Need {
         return Need::Peer;
     }
     match (method.as_str(), path) {
-        ("GET", "/v1/cluster/ca") | ("POST", "/v1/members/join") => Need::Public,
+        ("GET", "/v1/cluster/ca")
+        | ("POST", "/v1/members/certify")
+        | ("POST", "/v1/members/join") => Need::Public,
         ("POST", "/v1/load") | ("POST", "/v1/migrations/prepare") => Need::Peer,
         ("GET", _) => Need::Role(AccessRole::Auditor),
         ("POST", "/v1/vms")
@@ -218,9 +221,9 @@ pub fn authenticate(
 pub fn permits(principal: &Principal, need: Need) -> Result<(), AuthError> {
     match (principal, need) {
         (_, Need::Public) | (Principal::Node(_), _) => Ok(()),
-        (Principal::Operator { .. }, Need::Peer) => {
-            Err(AuthError::Forbidden("only member nodes may call this".into()))
-        }
+        (Principal::Operator { .. }, Need::Peer) => Err(AuthError::Forbidden(
+            "only member nodes may call this".into(),
+        )),
         (Principal::Operator { role, .. }, Need::Role(need)) if role.includes(need) => Ok(()),
         (Principal::Operator { role, .. }, Need::Role(need)) => Err(AuthError::Forbidden(format!(
             "this needs the {need} role; the token has {role}"
@@ -381,12 +384,19 @@ mod tests {
         ];
         for (m, p) in writes {
             assert!(
-                matches!(permits(&auditor, route_need(&m, p)), Err(AuthError::Forbidden(_))),
+                matches!(
+                    permits(&auditor, route_need(&m, p)),
+                    Err(AuthError::Forbidden(_))
+                ),
                 "{m} {p}"
             );
         }
         for p in ["/v1/state", "/v1/status", "/v1/hosts", "/metrics"] {
-            assert_eq!(permits(&auditor, route_need(&Method::GET, p)), Ok(()), "{p}");
+            assert_eq!(
+                permits(&auditor, route_need(&Method::GET, p)),
+                Ok(()),
+                "{p}"
+            );
         }
     }
 
@@ -396,7 +406,10 @@ mod tests {
             name: "o".into(),
             role: AccessRole::Operator,
         };
-        assert_eq!(permits(&op, route_need(&Method::POST, "/v1/vms/web/stop")), Ok(()));
+        assert_eq!(
+            permits(&op, route_need(&Method::POST, "/v1/vms/web/stop")),
+            Ok(())
+        );
         assert!(permits(&op, route_need(&Method::POST, "/v1/members/remove")).is_err());
         assert!(permits(&op, route_need(&Method::POST, "/raft/vote")).is_err());
         assert!(op.may(&Command::DeleteVm { vm: "web".into() }).is_ok());
@@ -406,6 +419,8 @@ mod tests {
                 name: "admin".into()
             })
             .is_err());
-        assert!(Principal::Node(1).may(&Command::RemoveHost { id: 2 }).is_ok());
+        assert!(Principal::Node(1)
+            .may(&Command::RemoveHost { id: 2 })
+            .is_ok());
     }
 }

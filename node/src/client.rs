@@ -185,7 +185,9 @@ mod tests {
             ca: Some(crate::pki::ClusterCa::generate().unwrap().cert_pem),
             ..Default::default()
         };
-        let err = no_token.blocking_client(Duration::from_secs(1)).unwrap_err();
+        let err = no_token
+            .blocking_client(Duration::from_secs(1))
+            .unwrap_err();
         assert!(err.to_string().contains("TERN_TOKEN"), "{err}");
         let no_ca = OperatorConfig {
             token: Some("t".into()),

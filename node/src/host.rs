@@ -14,8 +14,9 @@ use tern_consensus::{ClusterState, ConsensusNode};
 use tern_hypervisor::migration::{feature_words, CancelToken, KvmMigratable};
 use tern_hypervisor::{Vm, Workload};
 
-use super::api::ApiState;
+use super::cluster::Cluster;
 use super::datastore::{Datastore, VmConfig, VmLock};
+use super::leader_state::LeaderState;
 
 /// A VM running (or paused for migration) on this host.
 pub struct LocalVm {
@@ -46,7 +47,7 @@ pub struct TaskProgress {
 
 pub struct HostCtx {
     pub id: u64,
-    pub api: ApiState,
+    pub cluster: Cluster,
     pub node: ConsensusNode,
     pub datastore: Option<Datastore>,
     pub handle: tokio::runtime::Handle,
@@ -58,7 +59,8 @@ pub struct HostCtx {
     pub cancels: Mutex<HashMap<TaskId, CancelToken>>,
     pub progress: Mutex<HashMap<TaskId, TaskProgress>>,
     cpu: std::sync::OnceLock<Option<(Vec<u32>, String)>>,
-    pub controller: super::controller::Controller,
+    /// The leader's load window and last DRS pass (used while this node leads).
+    pub leader: LeaderState,
     /// Bandwidth cap per outbound migration in bytes/s (0 = none).
     pub migrate_bandwidth: std::sync::atomic::AtomicU64,
 }
@@ -70,14 +72,14 @@ fn guard<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 impl HostCtx {
     pub fn new(
         id: u64,
-        api: ApiState,
+        cluster: Cluster,
         node: ConsensusNode,
         datastore: Option<Datastore>,
         ip: String,
     ) -> Arc<HostCtx> {
         Arc::new(HostCtx {
             id,
-            api,
+            cluster,
             node,
             datastore,
             handle: tokio::runtime::Handle::current(),
@@ -87,7 +89,7 @@ impl HostCtx {
             cancels: Mutex::new(HashMap::new()),
             progress: Mutex::new(HashMap::new()),
             cpu: std::sync::OnceLock::new(),
-            controller: Default::default(),
+            leader: Default::default(),
             migrate_bandwidth: Default::default(),
         })
     }

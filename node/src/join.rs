@@ -10,9 +10,10 @@ use anyhow::Context;
 use tern_consensus::access::AccessRole;
 use tern_consensus::state::Command;
 
-use crate::access_api::{new_api_secret, CaReply, CertifyBody, CertifyReply, JoinToken};
-use crate::api::{ApiState, JoinBody};
+use crate::access::{new_api_secret, CaReply, CertifyBody, CertifyReply, JoinToken};
 use crate::client::{admin_config_path, default_path, url, OperatorConfig};
+use crate::cluster::Cluster;
+use crate::members::JoinBody;
 use crate::pki::{
     fingerprint, node_key_and_csr, operator_client_config, sha256_hex, ClusterCa,
     FetchOnlyVerifier, NodeTls,
@@ -33,7 +34,12 @@ pub async fn identity(
         let tls = NodeTls::bootstrap(cfg.id, &hosts)?;
         tls.save(&cfg.data)?;
         let secret = new_api_secret();
-        write_admin_config(&cfg.data, &addrs[addrs.len() - 1], &secret, &tls.ca.cert_pem)?;
+        write_admin_config(
+            &cfg.data,
+            &addrs[addrs.len() - 1],
+            &secret,
+            &tls.ca.cert_pem,
+        )?;
         return Ok((tls, Some(secret)));
     }
     let (Some(seed), Some(token)) = (&cfg.join, &cfg.join_token) else {
@@ -62,7 +68,10 @@ fn write_admin_config(data: &Path, server: &str, secret: &str, ca: &str) -> anyh
     cfg.write(&admin_config_path(data))?;
     if let Some(path) = default_path() {
         match cfg.write(&path) {
-            Ok(()) => println!("admin config for this cluster written to {}", path.display()),
+            Ok(()) => println!(
+                "admin config for this cluster written to {}",
+                path.display()
+            ),
             Err(e) => tracing::warn!("writing the admin config: {e}"),
         }
     }
@@ -115,7 +124,12 @@ async fn certify(
     if reply.ca != ca.ca {
         anyhow::bail!("the seed answered with another CA");
     }
-    let tls = NodeTls::new(id, ClusterCa::from_pem(reply.ca, reply.ca_key), reply.cert, key);
+    let tls = NodeTls::new(
+        id,
+        ClusterCa::from_pem(reply.ca, reply.ca_key),
+        reply.cert,
+        key,
+    );
     tls.save(data).context("saving the node identity")?;
     tracing::info!(id, "certified by the cluster");
     Ok(tls)
@@ -164,7 +178,7 @@ async fn join_once(tls: &NodeTls, seed: &str, body: &JoinBody) -> anyhow::Result
 }
 
 /// Commit the bootstrap admin token, retrying until this new cluster has a leader.
-pub async fn create_admin_token(state: ApiState, secret: String) {
+pub async fn create_admin_token(cluster: Cluster, secret: String) {
     let command = Command::CreateToken {
         name: "admin".into(),
         role: AccessRole::Admin,
@@ -172,7 +186,7 @@ pub async fn create_admin_token(state: ApiState, secret: String) {
         expires_at_ms: None,
     };
     loop {
-        match state
+        match cluster
             .propose("bootstrap".into(), None, command.clone(), false)
             .await
         {

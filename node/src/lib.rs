@@ -1,24 +1,41 @@
 //! tern-node: the host agent (`tern node`): a Raft member plus its HTTP API, this host's VMs,
 //! the migration executor, and on the leader the DRS, maintenance and schedule loops.
-pub mod access_api;
+//!
+//! Module map (docs/architecture.md has the picture): `api` is the HTTP edge and nothing else
+//! imports it; services (`vms`, `migrations`, `maintenance`, `drs`, `schedules`, `members`,
+//! `load`) hold the logic the handlers and the leader's `controller` loop call; `cluster` is the
+//! client everything uses to commit and read through the leader. No two modules import each
+//! other (checked by `layout_tests`).
+pub mod access;
 pub mod api;
 pub mod auth;
 pub mod client;
+pub mod cluster;
 pub mod controller;
 pub mod cron;
 pub mod datastore;
+pub mod drs;
+pub mod error;
 pub mod host;
 mod host_info;
 pub mod inbound;
 mod join;
+#[cfg(test)]
+mod layout_tests;
+pub mod leader_state;
 pub mod listener;
 pub mod load;
+pub mod maintenance;
+pub mod members;
 mod metrics;
+pub mod migrations;
 pub mod outbound;
 pub mod pki;
 pub mod queue_view;
+mod raft_rpc;
 pub mod sched_view;
-pub mod vm_api;
+pub mod schedules;
+pub mod vms;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -73,32 +90,23 @@ pub async fn serve(cfg: NodeConfig) -> anyhow::Result<()> {
     .await
     .context("opening raft")?;
     let prometheus = metrics::install(&node)?;
-    let state = api::ApiState::new(node.clone(), prometheus)?;
+    let cluster = cluster::Cluster::new(node.clone())?;
     let datastore = match &cfg.datastore {
         Some(d) => Some(datastore::Datastore::open(d)?),
         None => None,
     };
     let ip = listener.local_addr()?.ip().to_string();
-    let ctx = host::HostCtx::new(cfg.id, state.clone(), node.clone(), datastore, ip);
+    let ctx = host::HostCtx::new(cfg.id, cluster.clone(), node.clone(), datastore, ip);
     ctx.migrate_bandwidth.store(
         cfg.migrate_bandwidth_mib.saturating_mul(1 << 20),
         std::sync::atomic::Ordering::Relaxed,
     );
-    let access = access_api::AccessCtx {
-        api: state.clone(),
-        tls: tls.clone(),
-    };
-    let router = api::router(state.clone())
-        .merge(vm_api::router(ctx.clone()))
-        .merge(access_api::router(access))
-        .layer(axum::middleware::from_fn_with_state(
-            node.clone(),
-            auth::authorize,
-        ));
-    let server_tls = tls.server_config()?;
+    let router = api::router(ctx.clone(), prometheus, tls.clone()).layer(
+        axum::middleware::from_fn_with_state(node.clone(), auth::authorize),
+    );
     let server = tokio::spawn(listener::serve(
         listener,
-        server_tls,
+        tls.server_config()?,
         router,
         listener::Limits::default(),
     ));
@@ -109,7 +117,7 @@ pub async fn serve(cfg: NodeConfig) -> anyhow::Result<()> {
     if cfg.bootstrap {
         node.bootstrap().await?;
         if let Some(secret) = admin_secret {
-            tokio::spawn(join::create_admin_token(state.clone(), secret));
+            tokio::spawn(join::create_admin_token(cluster.clone(), secret));
         }
     } else if !initialized {
         let (Some(seed), Some(token)) = (cfg.join.clone(), cfg.join_token.clone()) else {
@@ -130,7 +138,7 @@ pub async fn serve(cfg: NodeConfig) -> anyhow::Result<()> {
     if let Some(c) = cfg.capacity_cpus {
         info.capacity.cpus = c;
     }
-    tokio::spawn(register_loop(state, cfg.id, addr, info));
+    tokio::spawn(register_loop(cluster, cfg.id, addr, info));
     tokio::spawn(host::reconcile_loop(ctx.clone()));
     tokio::spawn(outbound::executor_loop(ctx.clone()));
     tokio::spawn(controller::controller_loop(ctx.clone()));
@@ -145,7 +153,12 @@ pub async fn serve(cfg: NodeConfig) -> anyhow::Result<()> {
 }
 
 /// Record this host (address, capacity, CPU features) in the cluster state, until committed.
-async fn register_loop(state: api::ApiState, id: u64, addr: String, info: host_info::HostInfo) {
+async fn register_loop(
+    cluster: cluster::Cluster,
+    id: u64,
+    addr: String,
+    info: host_info::HostInfo,
+) {
     let command = Command::RegisterHost {
         id,
         address: addr,
@@ -153,7 +166,7 @@ async fn register_loop(state: api::ApiState, id: u64, addr: String, info: host_i
         cpu_features: info.cpu_features,
     };
     loop {
-        match state
+        match cluster
             .propose(format!("host/{id}"), None, command.clone(), false)
             .await
         {

@@ -71,8 +71,7 @@ pub async fn serve(
         let limits = limits.clone();
         tokio::spawn(async move {
             let _permit = permit;
-            let stream = match tokio::time::timeout(limits.handshake, acceptor.accept(tcp)).await
-            {
+            let stream = match tokio::time::timeout(limits.handshake, acceptor.accept(tcp)).await {
                 Ok(Ok(s)) => s,
                 Ok(Err(e)) => {
                     tracing::debug!("tls handshake: {e}");
@@ -90,9 +89,7 @@ pub async fn serve(
             );
             let service = hyper::service::service_fn(move |mut req: hyper::Request<_>| {
                 req.extensions_mut().insert(peer.clone());
-                router
-                    .clone()
-                    .oneshot(req.map(axum::body::Body::new))
+                router.clone().oneshot(req.map(axum::body::Body::new))
             });
             let conn = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())

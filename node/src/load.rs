@@ -42,6 +42,13 @@ fn sample(ctx: &HostCtx, prev: &mut Prev) -> HashMap<String, VmLoad> {
     out
 }
 
+/// On the leader: keep a node's report in the load window the scheduler sees.
+pub fn record(ctx: &HostCtx, report: LoadReport) -> serde_json::Value {
+    let n = report.vms.len();
+    ctx.leader.record(report.vms);
+    serde_json::json!({ "recorded": n, "from": report.host })
+}
+
 pub async fn report_loop(ctx: Arc<HostCtx>, every: Duration) {
     let mut prev = Prev::new();
     loop {
@@ -62,11 +69,11 @@ pub async fn report_loop(ctx: Arc<HostCtx>, every: Duration) {
             metrics::gauge!("tern_vm_dirty_mib_s", "vm" => name.clone()).set(l.dirty_mib_s);
         }
         let report = LoadReport { host: ctx.id, vms };
-        let Some((_, leader)) = ctx.api.leader_addr() else {
+        let Some((_, leader)) = ctx.cluster.leader_addr() else {
             continue;
         };
         if let Err(e) = ctx
-            .api
+            .cluster
             .post_json::<_, serde_json::Value>(&leader, "/v1/load", &report, true)
             .await
         {

@@ -13,7 +13,7 @@ use tern_hypervisor::migration::{
     migrate, CancelToken, MigrationConfig, MigrationError, MigrationStats, Phase, Progress,
 };
 
-use super::api::ApiError;
+use super::error::ServiceError;
 use super::host::{HostCtx, TaskProgress};
 
 #[derive(serde::Serialize, serde::Deserialize)]
@@ -40,13 +40,13 @@ fn commit_within(
     ctx: &HostCtx,
     command: Command,
     limit: Option<Duration>,
-) -> Result<Applied, ApiError> {
+) -> Result<Applied, ServiceError> {
     let deadline = limit.map(|l| Instant::now() + l);
     loop {
-        match ctx
-            .handle
-            .block_on(ctx.api.propose(actor(ctx), None, command.clone(), false))
-        {
+        match ctx.handle.block_on(
+            ctx.cluster
+                .propose(actor(ctx), None, command.clone(), false),
+        ) {
             Ok(a) => return Ok(a),
             Err(e) if e.rejected.is_some() || deadline.is_some_and(|d| Instant::now() >= d) => {
                 return Err(e)
@@ -60,12 +60,12 @@ fn commit_within(
 }
 
 /// Commit `command`, retrying while the outcome is unknown, for up to an hour.
-fn commit_until_known(ctx: &HostCtx, command: Command) -> Result<Applied, ApiError> {
+fn commit_until_known(ctx: &HostCtx, command: Command) -> Result<Applied, ServiceError> {
     commit_within(ctx, command, Some(Duration::from_secs(3600)))
 }
 
 /// Whether `e` says the VM is already at `owner`, `epoch` (an earlier attempt of ours won).
-fn already(e: &ApiError, owner: u64, epoch: u64) -> bool {
+fn already(e: &ServiceError, owner: u64, epoch: u64) -> bool {
     matches!(
         e.rejected,
         Some(CommandError::OwnershipConflict { owner: o, epoch: e2, .. }) if o == owner && e2 == epoch
@@ -113,7 +113,7 @@ fn switchover(ctx: &HostCtx, vm: &str, epoch: u64, to: u64) -> Result<(), String
     }
 }
 
-fn fenced(ctx: &HostCtx, vm: &str, epoch: u64, unknown: &ApiError) -> Result<(), String> {
+fn fenced(ctx: &HostCtx, vm: &str, epoch: u64, unknown: &ServiceError) -> Result<(), String> {
     if let Some(l) = ctx.vms().get_mut(vm) {
         l.epoch = epoch + 1;
     }
@@ -183,7 +183,7 @@ fn run_task(ctx: &Arc<HostCtx>, task: MigrationTask, cancel: &CancelToken) {
     };
     if let Err(e) = ctx
         .handle
-        .block_on(ctx.api.propose(actor(ctx), None, start, false))
+        .block_on(ctx.cluster.propose(actor(ctx), None, start, false))
     {
         tracing::debug!(task = task.id, "not started: {e}");
         return;
@@ -305,7 +305,7 @@ fn stream(
         .ok_or_else(|| MigrationError::Refused(format!("host {} is gone", task.to)))?;
     let reply: PrepareReply = ctx
         .handle
-        .block_on(ctx.api.post_json(
+        .block_on(ctx.cluster.post_json(
             &dest.address,
             "/v1/migrations/prepare",
             &PrepareBody { task: task.id },

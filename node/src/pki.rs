@@ -159,7 +159,9 @@ fn node_sans(id: u64, hosts: &[String]) -> Result<Vec<SanType>, PkiError> {
 /// The host part of `host:port` (brackets of an IPv6 literal removed).
 pub fn host_of(addr: &str) -> String {
     let host = addr.rsplit_once(':').map_or(addr, |(h, _)| h);
-    host.trim_start_matches('[').trim_end_matches(']').to_string()
+    host.trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_string()
 }
 
 /// A fresh node key and a CSR for it (PEM, PEM).
@@ -414,7 +416,10 @@ mod tests {
         assert!(ca.issue_node_cert("not a csr", 2, &[]).is_err());
         assert!(ca.issue_node_cert(&ca.cert_pem, 2, &[]).is_err());
         assert!(fingerprint("nothing").is_err());
-        assert!(operator_client_config("-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n").is_err());
+        assert!(operator_client_config(
+            "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n"
+        )
+        .is_err());
     }
 
     #[test]

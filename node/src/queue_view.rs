@@ -6,7 +6,10 @@ use tern_consensus::state::{HostId, MigrationTask, TaskId, TaskState};
 use tern_consensus::ClusterState;
 use tern_scheduler::{MigrationQueue, QueueError, QueuePriority, Request, SlotLimits};
 
-use super::vm_api::{PRIORITY_HIGH, PRIORITY_NORMAL};
+/// Migration task priorities as committed (`MigrationTask::priority`).
+pub const PRIORITY_LOW: u8 = 1;
+pub const PRIORITY_NORMAL: u8 = 2;
+pub const PRIORITY_HIGH: u8 = 3;
 
 pub fn queue_priority(p: u8) -> QueuePriority {
     match p {

@@ -139,7 +139,7 @@ pub fn run_cluster(args: ClusterArgs) -> anyhow::Result<()> {
     match args.command {
         ClusterCommand::JoinToken { ttl } => {
             let ttl_s = tern_node::cron::parse_duration(&ttl)?.as_secs().max(1);
-            let reply: tern_node::access_api::JoinTokenReply = post(
+            let reply: tern_node::access::JoinTokenReply = post(
                 &args.server.server,
                 "/v1/cluster/join-token",
                 &serde_json::json!({ "ttl_s": ttl_s }),

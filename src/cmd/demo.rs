@@ -317,7 +317,7 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
                     .ok()
                     .filter(|(s, _)| s["leader"] == serde_json::json!(1))
             })?;
-            let reply: tern_node::access_api::JoinTokenReply = post(
+            let reply: tern_node::access::JoinTokenReply = post(
                 &addrs[0],
                 "/v1/cluster/join-token",
                 &serde_json::json!({ "ttl_s": 600 }),
@@ -601,7 +601,10 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
             "the cluster keeps running (node PIDs {}); try:",
             pids.join(" ")
         );
-        println!("  export TERN_SERVER={server} TERN_CONFIG={}", admin_config.display());
+        println!(
+            "  export TERN_SERVER={server} TERN_CONFIG={}",
+            admin_config.display()
+        );
         println!("  tern cluster status; tern vm list; tern drs status; tern audit");
         println!("  tern migrate vm1 --to 2 --wait");
         println!("stop it with: kill {}", pids.join(" "));

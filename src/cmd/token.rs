@@ -3,7 +3,7 @@
 use clap::{Args, Subcommand};
 use serde_json::json;
 use tern_consensus::access::{AccessRole, ApiToken};
-use tern_node::access_api::CreateTokenReply;
+use tern_node::access::CreateTokenReply;
 
 use super::cluster::{get, post, ServerArg};
 
@@ -60,7 +60,10 @@ pub fn run(args: TokenArgs) -> anyhow::Result<()> {
             if json {
                 println!("{}", serde_json::to_string(&reply)?);
             } else {
-                println!("{} token {:?} created; its secret (shown once):", reply.role, reply.name);
+                println!(
+                    "{} token {:?} created; its secret (shown once):",
+                    reply.role, reply.name
+                );
                 println!("{}", reply.token);
             }
             Ok(())
@@ -76,7 +79,10 @@ pub fn run(args: TokenArgs) -> anyhow::Result<()> {
                 let expires = t
                     .expires_at_ms
                     .map_or("never".to_string(), tern_node::cron::format_time);
-                println!("{:<24} {:<9} {:<16} {expires}", t.name, t.role, t.created_by);
+                println!(
+                    "{:<24} {:<9} {:<16} {expires}",
+                    t.name, t.role, t.created_by
+                );
             }
             Ok(())
         }

@@ -7,8 +7,8 @@ use anyhow::Context;
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use tern_hypervisor::migration::{
-    migrate, receive, CancelToken, Hello, MigratableVm, MigrationConfig, MigrationStats, Phase,
-    Progress, ReceiveConfig, ReceiveStats,
+    migrate, receive, CancelToken, Compression, Hello, MigratableVm, MigrationConfig,
+    MigrationStats, Phase, Progress, ReceiveConfig, ReceiveStats,
 };
 
 /// Options `tern vm run` takes to migrate its VM away while it runs.
@@ -39,6 +39,10 @@ pub struct MigrateOpts {
     /// running here).
     #[arg(long, value_parser = duration_arg)]
     pub migrate_deadline: Option<Duration>,
+    /// zstd compression of page data: auto (only where it makes sending faster: slow or
+    /// capped links, compressible memory), on (whatever shrinks), off (protocol version 1).
+    #[arg(long, default_value = "auto")]
+    pub compress: Compression,
 }
 
 impl MigrateOpts {
@@ -49,6 +53,7 @@ impl MigrateOpts {
             streams: self.streams,
             token: self.migrate_token.clone(),
             verify_hash: self.verify_memory,
+            compression: self.compress,
             ..Default::default()
         }
     }
@@ -140,6 +145,8 @@ pub fn stats_json(s: &MigrationStats, guest_max_stall_us: Option<u64>) -> serde_
         "max_throttle": s.max_throttle,
         "final_throttle": s.final_throttle,
         "bandwidth_mib_s": s.bandwidth / 1048576.0,
+        "compressed_pages": s.compressed_pages,
+        "compression_saved_bytes": s.compression_saved_bytes,
         "memory_hash": s.memory_hash.map(|h| format!("{h:016x}")),
         "switchover_ms": {
             "pause": ms(s.switchover.pause),
@@ -179,6 +186,11 @@ pub fn print_stats(s: &MigrationStats, guest_max_stall_us: Option<u64>, json: bo
     );
     println!("  pages sent      {:>10}", s.pages_sent);
     println!("  zero pages      {:>10}", s.zero_pages);
+    println!(
+        "  compressed      {:>10} pages, {:.1} MiB saved",
+        s.compressed_pages,
+        s.compression_saved_bytes as f64 / 1048576.0
+    );
     println!("  never touched   {:>10}", s.untouched_pages);
     println!("  rounds          {:>10}", s.rounds);
     println!("  throttle (max)  {:>9}%", s.max_throttle);

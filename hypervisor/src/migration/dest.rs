@@ -5,9 +5,11 @@ use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use super::compress::{BatchDecoder, FEATURE_ZSTD_PAGES};
 use super::frame::read_frame_into;
 use super::messages::{
-    recv, send, Hello, Message, MAX_PAGES_PER_FRAME, PAGE_SIZE, PROTOCOL_VERSION,
+    recv, send, Hello, Message, MAX_PAGES_PER_FRAME, MIN_PROTOCOL_VERSION, PAGE_SIZE,
+    PROTOCOL_VERSION,
 };
 use super::source::hash_memory;
 use super::transport::{limit_socket_buffers, DATA_STREAM_BUFFER};
@@ -184,16 +186,19 @@ where
         };
         let session = session_id();
         control.set_read_timeout(Some(cfg.io_timeout))?;
-        send(&mut control, &Message::Welcome { session })?;
+        // Accept every protocol feature this build knows of those the source offers.
+        let features = hello.features & FEATURE_ZSTD_PAGES;
+        send(&mut control, &Message::Welcome { session, features })?;
         let result = run_session(cfg, rx, &vm, control, &hello, session);
         return result.map(|stats| (vm, stats));
     }
 }
 
 fn check_hello(cfg: &ReceiveConfig, h: &Hello) -> Result<(), String> {
-    if h.version != PROTOCOL_VERSION {
+    if !(MIN_PROTOCOL_VERSION..=PROTOCOL_VERSION).contains(&h.version) {
         return Err(format!(
-            "protocol version {} not supported (this destination speaks {PROTOCOL_VERSION})",
+            "protocol version {} not supported (this destination speaks \
+             {MIN_PROTOCOL_VERSION}..={PROTOCOL_VERSION})",
             h.version
         ));
     }
@@ -290,6 +295,7 @@ fn run_session<V: MigratableVm>(
     let streams: Vec<TcpStream> = streams.into_iter().flatten().collect();
     let counters = Mutex::new(ReceiveStats::default());
     let written = WrittenPages::new(vm.memory_bytes() / PAGE_SIZE as u64);
+    let compressed_ok = hello.features & FEATURE_ZSTD_PAGES != 0;
     let (etx, erx) = mpsc::channel();
     std::thread::scope(|scope| {
         for (index, stream) in streams.iter().enumerate() {
@@ -297,7 +303,15 @@ fn run_session<V: MigratableVm>(
             let written = &written;
             scope.spawn(move || {
                 let mut stream = stream;
-                let r = read_stream(vm, &mut stream, index as u16, &etx, counters, written);
+                let r = read_stream(
+                    vm,
+                    &mut stream,
+                    index as u16,
+                    &etx,
+                    counters,
+                    written,
+                    compressed_ok,
+                );
                 if let Err(e) = r {
                     let _ = etx.send(StreamEvent::Failed(e));
                     // Wake the control loop, which may be blocked reading.
@@ -465,6 +479,38 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// Write the pages of one `Pages` payload into guest memory; returns how many.
+fn apply_pages<V: MigratableVm>(
+    vm: &V,
+    p: &[u8],
+    pages: u64,
+    written: &WrittenPages,
+) -> Result<u64, MigrationError> {
+    let n = p
+        .get(0..4)
+        .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize)
+        .unwrap_or(usize::MAX);
+    if n > MAX_PAGES_PER_FRAME || p.len() != 4 + n * (8 + PAGE_SIZE) {
+        return Err(MigrationError::Protocol(
+            "page batch count does not match its frame".into(),
+        ));
+    }
+    for entry in p[4..].chunks_exact(8 + PAGE_SIZE) {
+        let mut a = [0u8; 8];
+        a.copy_from_slice(&entry[..8]);
+        let pfn = u64::from_le_bytes(a);
+        if pfn >= pages {
+            return Err(MigrationError::Protocol(format!(
+                "page {pfn} is outside guest memory ({pages} pages)"
+            )));
+        }
+        vm.write_page(pfn, &entry[8..])
+            .map_err(|e| MigrationError::Vm(e.0))?;
+        written.set(pfn);
+    }
+    Ok(n as u64)
+}
+
 /// Apply one data stream to guest memory until it ends.
 fn read_stream<V: MigratableVm>(
     vm: &V,
@@ -473,45 +519,36 @@ fn read_stream<V: MigratableVm>(
     events: &Sender<StreamEvent>,
     counters: &Mutex<ReceiveStats>,
     written: &WrittenPages,
+    compressed_ok: bool,
 ) -> Result<(), MigrationError> {
     let zero = vec![0u8; PAGE_SIZE];
     let pages = vm.memory_bytes() / PAGE_SIZE as u64;
-    let check = |pfn: u64| {
-        if pfn >= pages {
-            Err(MigrationError::Protocol(format!(
-                "page {pfn} is outside guest memory ({pages} pages)"
-            )))
-        } else {
-            Ok(())
-        }
-    };
     let pages_kind = Message::Pages(Vec::new()).encode().0;
+    let zpages_kind = Message::ZPages {
+        raw_len: 0,
+        data: Vec::new(),
+    }
+    .encode()
+    .0;
+    let mut decoder = BatchDecoder::default();
     let mut payload = Vec::with_capacity(4 + MAX_PAGES_PER_FRAME * (8 + PAGE_SIZE));
     while let Some(kind) = read_frame_into(stream, &mut payload)? {
         let bytes = payload.len() as u64 + 16;
-        if kind == pages_kind {
+        if kind == zpages_kind && !compressed_ok {
+            return Err(MigrationError::Protocol(
+                "compressed pages on a session that did not negotiate them".into(),
+            ));
+        }
+        if kind == pages_kind || kind == zpages_kind {
             // Apply straight from the payload, without building a message.
-            let p = &payload;
-            let n = p
-                .get(0..4)
-                .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize)
-                .unwrap_or(usize::MAX);
-            if n > MAX_PAGES_PER_FRAME || p.len() != 4 + n * (8 + PAGE_SIZE) {
-                return Err(MigrationError::Protocol(
-                    "page batch count does not match its frame".into(),
-                ));
-            }
-            for entry in p[4..].chunks_exact(8 + PAGE_SIZE) {
-                let mut a = [0u8; 8];
-                a.copy_from_slice(&entry[..8]);
-                let pfn = u64::from_le_bytes(a);
-                check(pfn)?;
-                vm.write_page(pfn, &entry[8..])
-                    .map_err(|e| MigrationError::Vm(e.0))?;
-                written.set(pfn);
-            }
+            let p = if kind == zpages_kind {
+                decoder.decode(&payload)?
+            } else {
+                &payload[..]
+            };
+            let n = apply_pages(vm, p, pages, written)?;
             let mut c = lock(counters);
-            c.pages_received += n as u64;
+            c.pages_received += n;
             c.bytes_received += bytes;
             continue;
         }

@@ -4,8 +4,12 @@ use std::io::{Read, Write};
 use super::frame::{read_frame, write_frame};
 use super::MigrationError;
 
-/// Protocol version spoken by this build. A peer with another version is refused.
-pub const PROTOCOL_VERSION: u32 = 1;
+/// Newest protocol version spoken by this build. Version 2 adds the feature words of Hello
+/// and Welcome (compressed page batches); a destination accepts versions
+/// [`MIN_PROTOCOL_VERSION`]..=this, and a version-1 source gets a version-1 session.
+pub const PROTOCOL_VERSION: u32 = 2;
+/// Oldest protocol version this build still accepts (and falls back to as a source).
+pub const MIN_PROTOCOL_VERSION: u32 = 1;
 /// Guest page size moved by the protocol.
 pub const PAGE_SIZE: usize = 4096;
 /// Most pages in one `Pages` frame (1 MiB of data): large writes keep the link busy.
@@ -24,6 +28,8 @@ pub struct Hello {
     pub spec: VmSpec,
     /// CPU feature words the guest saw (bit masks); the destination must offer all of them.
     pub cpu_features: Vec<u32>,
+    /// Protocol features the source can use (`compress::FEATURE_*`); version 2 and later.
+    pub features: u32,
 }
 
 /// The VM shape a destination must reproduce.
@@ -47,14 +53,18 @@ pub enum Message {
         stream: u16,
         token: String,
     },
-    /// Destination accepts the control stream.
-    Welcome { session: u64 },
+    /// Destination accepts the control stream, with the protocol features it accepts of
+    /// those the source offered (encoded only when non-zero, so version 1 sources decode it).
+    Welcome { session: u64, features: u32 },
     /// Destination refuses (version, token, CPU, busy, spec); the reason is for humans.
     Refuse { reason: String },
     /// Page contents: (page frame number, data), data is `PAGE_SIZE` bytes each.
     Pages(Vec<(u64, Vec<u8>)>),
     /// Runs of pages that are all zeroes: (first pfn, count).
     Zeros(Vec<(u64, u32)>),
+    /// A `Pages` payload compressed with zstd: its length, then the zstd frame. Sent only
+    /// when the Welcome accepted `FEATURE_ZSTD_PAGES`; decoded by `compress::BatchDecoder`.
+    ZPages { raw_len: u32, data: Vec<u8> },
     /// Data stream marker: every page sent before it on this stream belongs to `epoch`.
     Flush { epoch: u64 },
     /// vCPU and device state, sent while the source is paused.
@@ -85,6 +95,7 @@ mod kind {
     pub const RESUME: u8 = 11;
     pub const RESUMED: u8 = 12;
     pub const ABORT: u8 = 13;
+    pub const ZPAGES: u8 = 14;
 }
 
 impl Message {
@@ -97,6 +108,7 @@ impl Message {
             Message::Refuse { .. } => "Refuse",
             Message::Pages(_) => "Pages",
             Message::Zeros(_) => "Zeros",
+            Message::ZPages { .. } => "ZPages",
             Message::Flush { .. } => "Flush",
             Message::DeviceState(_) => "DeviceState",
             Message::Complete { .. } => "Complete",
@@ -121,6 +133,9 @@ impl Message {
                 e.str(&h.spec.config);
                 e.u32(h.cpu_features.len() as u32);
                 h.cpu_features.iter().for_each(|w| e.u32(*w));
+                if h.version >= 2 {
+                    e.u32(h.features);
+                }
                 kind::HELLO
             }
             Message::Join {
@@ -133,8 +148,11 @@ impl Message {
                 e.str(token);
                 kind::JOIN
             }
-            Message::Welcome { session } => {
+            Message::Welcome { session, features } => {
                 e.u64(*session);
+                if *features != 0 {
+                    e.u32(*features);
+                }
                 kind::WELCOME
             }
             Message::Refuse { reason } => {
@@ -156,6 +174,11 @@ impl Message {
                     e.u32(*n);
                 }
                 kind::ZEROS
+            }
+            Message::ZPages { raw_len, data } => {
+                e.u32(*raw_len);
+                e.0.extend_from_slice(data);
+                kind::ZPAGES
             }
             Message::Flush { epoch } => {
                 e.u64(*epoch);
@@ -203,12 +226,14 @@ impl Message {
                     return Err(bad("CPU feature list longer than its frame"));
                 }
                 let cpu_features = (0..n).map(|_| d.u32()).collect::<Result<_, _>>()?;
+                let features = if version >= 2 { d.u32()? } else { 0 };
                 Message::Hello(Hello {
                     version,
                     token,
                     streams,
                     spec,
                     cpu_features,
+                    features,
                 })
             }
             kind::JOIN => Message::Join {
@@ -216,7 +241,10 @@ impl Message {
                 stream: d.u16()?,
                 token: d.str()?,
             },
-            kind::WELCOME => Message::Welcome { session: d.u64()? },
+            kind::WELCOME => Message::Welcome {
+                session: d.u64()?,
+                features: if d.0.is_empty() { 0 } else { d.u32()? },
+            },
             kind::REFUSE => Message::Refuse { reason: d.str()? },
             kind::PAGES => {
                 let n = d.u32()? as usize;
@@ -239,6 +267,14 @@ impl Message {
                     .map(|_| Ok::<_, MigrationError>((d.u64()?, d.u32()?)))
                     .collect::<Result<_, _>>()?;
                 Message::Zeros(runs)
+            }
+            kind::ZPAGES => {
+                let raw_len = d.u32()?;
+                if raw_len as usize > super::compress::MAX_RAW_BATCH {
+                    return Err(bad("compressed batch declares more than a page batch"));
+                }
+                let data = d.take(d.0.len())?.to_vec();
+                Message::ZPages { raw_len, data }
             }
             kind::FLUSH => Message::Flush { epoch: d.u64()? },
             kind::DEVICE_STATE => Message::DeviceState(d.bytes()?.to_vec()),
@@ -366,13 +402,38 @@ mod tests {
                     config: "wss=64M".into(),
                 },
                 cpu_features: vec![1, 2, 0xffff_ffff],
+                features: 1,
+            }),
+            Message::Hello(Hello {
+                version: 1,
+                token: "old".into(),
+                streams: 1,
+                spec: VmSpec {
+                    memory_bytes: 1 << 20,
+                    vcpus: 1,
+                    page_size: 4096,
+                    config: String::new(),
+                },
+                cpu_features: vec![],
+                features: 0,
             }),
             Message::Join {
                 session: 9,
                 stream: 3,
                 token: String::new(),
             },
-            Message::Welcome { session: 9 },
+            Message::Welcome {
+                session: 9,
+                features: 0,
+            },
+            Message::Welcome {
+                session: 9,
+                features: 1,
+            },
+            Message::ZPages {
+                raw_len: 4 + 8 + 4096,
+                data: vec![0x28, 0xb5, 0x2f, 0xfd, 1, 2, 3],
+            },
             Message::Refuse {
                 reason: "busy".into(),
             },
@@ -391,6 +452,21 @@ mod tests {
                 reason: "cancelled".into(),
             },
         ]
+    }
+
+    #[test]
+    fn version_1_hello_and_welcome_keep_their_old_encoding() {
+        // Bytes a version-1 peer sends and expects: no feature words.
+        let old = &samples()[1];
+        let (_, payload) = old.encode();
+        // version, token "old", streams, memory, vCPUs, page size, empty config, no CPU words.
+        assert_eq!(payload.len(), 4 + (4 + 3) + 2 + 8 + 4 + 4 + 4 + 4);
+        let (_, welcome) = Message::Welcome {
+            session: 1,
+            features: 0,
+        }
+        .encode();
+        assert_eq!(welcome.len(), 8);
     }
 
     #[test]
@@ -421,7 +497,7 @@ mod tests {
         /// Valid messages mutated anywhere after encoding are rejected or decode to something, never panic,
         /// and a single byte change is always caught by the checksum.
         #[test]
-        fn mutated_frames_are_rejected(idx in 0usize..13, pos in any::<prop::sample::Index>(), xor in 1u8..=255) {
+        fn mutated_frames_are_rejected(idx in 0usize..16, pos in any::<prop::sample::Index>(), xor in 1u8..=255) {
             let m = samples().swap_remove(idx);
             let mut buf = Vec::new();
             send(&mut buf, &m).unwrap();

@@ -3,6 +3,7 @@
 //! parallel streams, bandwidth cap, cancel, progress; and a switchover gate the caller owns.
 //! The protocol is documented in docs/migration.md.
 pub mod bitmap;
+pub mod compress;
 pub mod dest;
 pub mod frame;
 pub mod kvm;
@@ -19,9 +20,10 @@ mod kvm_tests;
 mod tests;
 
 pub use bitmap::PageBitmap;
+pub use compress::Compression;
 pub use dest::{receive, ReceiveConfig, ReceiveStats};
 pub use kvm::{feature_words, KvmMigratable};
-pub use messages::{Hello, VmSpec, PAGE_SIZE, PROTOCOL_VERSION};
+pub use messages::{Hello, VmSpec, MIN_PROTOCOL_VERSION, PAGE_SIZE, PROTOCOL_VERSION};
 pub use policy::MigrationConfig;
 pub use source::{migrate, SwitchoverGate};
 pub use stats::{MigrationStats, Phase, Progress, SwitchoverProfile};

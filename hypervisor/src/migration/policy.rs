@@ -1,6 +1,7 @@
 //! Convergence policy as pure logic: when to stop pre-copy, when to throttle, when to give up.
 use std::time::Duration;
 
+use super::compress::Compression;
 use super::messages::PAGE_SIZE;
 
 /// Knobs of one migration.
@@ -26,6 +27,8 @@ pub struct MigrationConfig {
     pub verify_hash: bool,
     /// How long to wait for the peer at any step before giving up.
     pub io_timeout: Duration,
+    /// zstd compression of page batches (negotiated; `auto` only where it is faster).
+    pub compression: Compression,
 }
 
 impl Default for MigrationConfig {
@@ -42,6 +45,7 @@ impl Default for MigrationConfig {
             token: String::new(),
             verify_hash: false,
             io_timeout: Duration::from_secs(30),
+            compression: Compression::Auto,
         }
     }
 }

@@ -4,8 +4,11 @@ use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
 use super::bitmap::PageBitmap;
+use super::compress::{BatchEncoder, Compression, Encoded, FEATURE_ZSTD_PAGES};
 use super::frame::write_frame;
-use super::messages::{recv, send, Hello, Message, VmSpec, PAGE_SIZE, PROTOCOL_VERSION};
+use super::messages::{
+    recv, send, Hello, Message, VmSpec, MIN_PROTOCOL_VERSION, PAGE_SIZE, PROTOCOL_VERSION,
+};
 use super::policy::{decide, expected_downtime, Decision, MigrationConfig, RoundObservation};
 use super::stats::{MemoryHasher, MigrationStats, Phase, Progress};
 use super::transport::{
@@ -79,6 +82,8 @@ struct Run<'a, V> {
     limiter: RateLimiter,
     control: Option<TcpStream>,
     streams: Vec<TcpStream>,
+    /// One per data stream, with the compression the destination accepted.
+    encoders: Vec<BatchEncoder>,
     stats: MigrationStats,
     pages: u64,
     epoch: u64,
@@ -95,6 +100,7 @@ impl<'a, V: MigratableVm> Run<'a, V> {
             limiter: RateLimiter::new(cfg.bandwidth_limit),
             control: None,
             streams: Vec::new(),
+            encoders: Vec::new(),
             stats: MigrationStats::default(),
             pages: vm.memory_bytes() / PAGE_SIZE as u64,
             epoch: 0,
@@ -119,6 +125,40 @@ impl<'a, V: MigratableVm> Run<'a, V> {
         Ok(s)
     }
 
+    /// Hello at `version` on a new control stream; the Welcome's session and features.
+    fn handshake(
+        &self,
+        addr: SocketAddr,
+        version: u32,
+        streams: u16,
+    ) -> Result<(TcpStream, u64, u32), MigrationError> {
+        let vm = self.vm;
+        let mut control = self.connect(addr)?;
+        let hello = Hello {
+            version,
+            token: self.cfg.token.clone(),
+            streams,
+            spec: VmSpec {
+                memory_bytes: vm.memory_bytes(),
+                vcpus: vm.vcpus(),
+                page_size: PAGE_SIZE as u32,
+                config: vm.config(),
+            },
+            cpu_features: vm.cpu_features(),
+            features: if self.cfg.compression == Compression::Off {
+                0
+            } else {
+                FEATURE_ZSTD_PAGES
+            },
+        };
+        send(&mut control, &Message::Hello(hello))?;
+        match recv(&mut control)? {
+            Message::Welcome { session, features } => Ok((control, session, features)),
+            Message::Refuse { reason } => Err(MigrationError::Refused(reason)),
+            other => Err(unexpected("Welcome", &other)),
+        }
+    }
+
     fn execute(
         &mut self,
         addr: SocketAddr,
@@ -131,25 +171,32 @@ impl<'a, V: MigratableVm> Run<'a, V> {
         let streams = self.cfg.streams.clamp(1, 64);
         progress(&Progress::default());
 
-        let mut control = self.connect(addr)?;
-        let hello = Hello {
-            version: PROTOCOL_VERSION,
-            token: self.cfg.token.clone(),
-            streams,
-            spec: VmSpec {
-                memory_bytes: vm.memory_bytes(),
-                vcpus: vm.vcpus(),
-                page_size: PAGE_SIZE as u32,
-                config: vm.config(),
+        let (control, session, features) = match self.cfg.compression {
+            // Nothing to negotiate: the oldest protocol, which every destination speaks.
+            Compression::Off => self.handshake(addr, MIN_PROTOCOL_VERSION, streams)?,
+            mode => match self.handshake(addr, PROTOCOL_VERSION, streams) {
+                Err(MigrationError::Refused(r))
+                    if mode == Compression::Auto && r.starts_with("protocol version") =>
+                {
+                    tracing::info!(reason = %r, "older destination: migrating uncompressed");
+                    self.handshake(addr, MIN_PROTOCOL_VERSION, streams)?
+                }
+                other => other?,
             },
-            cpu_features: vm.cpu_features(),
         };
-        send(&mut control, &Message::Hello(hello))?;
-        let session = match recv(&mut control)? {
-            Message::Welcome { session } => session,
-            Message::Refuse { reason } => return Err(MigrationError::Refused(reason)),
-            other => return Err(unexpected("Welcome", &other)),
+        let mode = if features & FEATURE_ZSTD_PAGES != 0 {
+            self.cfg.compression
+        } else if self.cfg.compression == Compression::On {
+            return Err(MigrationError::Refused(
+                "the destination does not accept compressed pages (--compress on)".into(),
+            ));
+        } else {
+            Compression::Off
         };
+        let cap_share = self.cfg.bandwidth_limit as f64 / f64::from(streams);
+        self.encoders = (0..streams)
+            .map(|_| BatchEncoder::new(mode, cap_share))
+            .collect();
         self.control = Some(control);
         self.stats.handshake = start.elapsed();
         for i in 0..streams {
@@ -224,6 +271,10 @@ impl<'a, V: MigratableVm> Run<'a, V> {
             }
             previous_dirty = Some(obs.dirty_pages);
             round_start = Instant::now();
+            // Each round re-probes compression; the final set (inside the pause) does not.
+            self.encoders
+                .iter_mut()
+                .for_each(|e| e.estimate.new_round());
             self.send_pages(&dirty)?;
             self.stats.rounds += 1;
         };
@@ -315,18 +366,23 @@ impl<'a, V: MigratableVm> Run<'a, V> {
             // they save.
             self.streams
                 .iter_mut()
+                .zip(self.encoders.iter_mut())
                 .enumerate()
-                .map(|(i, stream)| send_stream(vm, stream, stripe(i), epoch, cancel, limiter))
+                .map(|(i, (stream, enc))| {
+                    send_stream(vm, stream, enc, stripe(i), epoch, cancel, limiter)
+                })
                 .collect()
         } else {
+            // Each stream's thread also compresses its batches (the worker threads).
             std::thread::scope(|scope| {
                 let handles: Vec<_> = self
                     .streams
                     .iter_mut()
+                    .zip(self.encoders.iter_mut())
                     .enumerate()
-                    .map(|(i, stream)| {
+                    .map(|(i, (stream, enc))| {
                         scope.spawn(move || {
-                            send_stream(vm, stream, stripe(i), epoch, cancel, limiter)
+                            send_stream(vm, stream, enc, stripe(i), epoch, cancel, limiter)
                         })
                     })
                     .collect();
@@ -340,30 +396,39 @@ impl<'a, V: MigratableVm> Run<'a, V> {
                     .collect()
             })
         };
-        let mut bytes = 0;
+        let (mut bytes, mut plain_bytes) = (0, 0);
         for r in results {
             let c = r?;
             bytes += c.bytes;
+            plain_bytes += c.plain_bytes;
             self.stats.pages_sent += c.pages;
             self.stats.zero_pages += c.zeros;
+            self.stats.compressed_pages += c.compressed_pages;
         }
         self.stats.bytes_sent += bytes;
+        self.stats.compression_saved_bytes += plain_bytes - bytes;
         self.send_time += t.elapsed();
-        self.measured_bytes += bytes;
+        // Convergence is planned in pages, so the bandwidth counts what the bytes carried.
+        self.measured_bytes += plain_bytes;
         Ok(())
     }
 }
 
 #[derive(Default)]
 struct StreamCounts {
+    /// On the wire.
     bytes: u64,
+    /// What the same messages would have taken uncompressed.
+    plain_bytes: u64,
     pages: u64,
+    compressed_pages: u64,
     zeros: u64,
 }
 
 fn send_stream<V: MigratableVm>(
     vm: &V,
     stream: &mut TcpStream,
+    encoder: &mut BatchEncoder,
     pfns: impl Iterator<Item = u64>,
     epoch: u64,
     cancel: &CancelToken,
@@ -372,16 +437,36 @@ fn send_stream<V: MigratableVm>(
     let mut counts = StreamCounts::default();
     let mut batch = PageBatch::default();
     let mut zeros = ZeroRuns::default();
-    let flush_batch = |batch: &mut PageBatch, stream: &mut TcpStream, counts: &mut StreamCounts| {
-        cancel.check()?;
-        counts.pages += batch.len() as u64;
-        let payload = batch.take_payload();
-        limiter.acquire(payload.len(), cancel)?;
-        write_frame(stream, kind_of(&Message::Pages(Vec::new())), payload)?;
-        counts.bytes += payload.len() as u64 + 16;
-        batch.clear();
-        Ok::<_, MigrationError>(())
-    };
+    let pages_kind = kind_of(&Message::Pages(Vec::new()));
+    let zpages_kind = kind_of(&Message::ZPages {
+        raw_len: 0,
+        data: Vec::new(),
+    });
+    let mut flush_batch =
+        |batch: &mut PageBatch, stream: &mut TcpStream, counts: &mut StreamCounts| {
+            cancel.check()?;
+            let n = batch.len() as u64;
+            counts.pages += n;
+            let plain = batch.take_payload();
+            counts.plain_bytes += plain.len() as u64 + 16;
+            let (kind, payload) = match encoder.encode(plain) {
+                Encoded::Plain(p) => (pages_kind, p),
+                Encoded::Compressed(z) => {
+                    counts.compressed_pages += n;
+                    (zpages_kind, z)
+                }
+            };
+            let t = Instant::now();
+            limiter.acquire(payload.len(), cancel)?;
+            write_frame(stream, kind, payload)?;
+            let wire = payload.len();
+            encoder
+                .estimate
+                .record_write(wire, t.elapsed(), kind == zpages_kind);
+            counts.bytes += wire as u64 + 16;
+            batch.clear();
+            Ok::<_, MigrationError>(())
+        };
     for pfn in pfns {
         if batch
             .push(pfn, |buf| vm.read_page(pfn, buf))
@@ -398,7 +483,9 @@ fn send_stream<V: MigratableVm>(
     for chunk in zeros.0.chunks(4096) {
         counts.zeros += chunk.iter().map(|(_, n)| *n as u64).sum::<u64>();
         send(stream, &Message::Zeros(chunk.to_vec()))?;
-        counts.bytes += 16 + 4 + 12 * chunk.len() as u64;
+        let bytes = 16 + 4 + 12 * chunk.len() as u64;
+        counts.bytes += bytes;
+        counts.plain_bytes += bytes;
     }
     send(stream, &Message::Flush { epoch })?;
     stream.flush()?;

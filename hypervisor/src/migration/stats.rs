@@ -49,6 +49,10 @@ pub struct MigrationStats {
     pub bandwidth: f64,
     /// Memory hash both sides agreed on (when verification was asked for).
     pub memory_hash: Option<u64>,
+    /// Pages that travelled in zstd-compressed batches.
+    pub compressed_pages: u64,
+    /// Wire bytes compression saved (plain size minus sent size).
+    pub compression_saved_bytes: u64,
     /// Where the downtime went, step by step.
     pub switchover: SwitchoverProfile,
 }

@@ -235,8 +235,10 @@ fn fast_dirtier_converges_by_throttling() {
     let guest = vm.run_guest(100, stop.clone());
     std::thread::sleep(Duration::from_millis(50));
     let (addr, dest) = destination(dest_cfg());
-    // A 16 MiB/s link against a guest dirtying ~400 MB/s worth of pages.
+    // A 16 MiB/s link against a guest dirtying ~400 MB/s worth of pages (uncompressed:
+    // this test's pages compress 6x, which would make the link fast enough).
     let cfg = MigrationConfig {
+        compression: Compression::Off,
         bandwidth_limit: 16 << 20,
         downtime_target: Duration::from_millis(100),
         max_rounds: 30,
@@ -254,6 +256,11 @@ fn round_bound_fails_cleanly_and_vm_keeps_running() {
     let vm = InMemoryTestVm::new(4096);
     let stop = Arc::new(AtomicBool::new(false));
     let guest = vm.run_guest(200, stop.clone());
+    // On a loaded host the guest thread may not have run yet: then there is nothing to
+    // converge on.
+    while vm.touched.lock().unwrap().count() < 1000 {
+        std::thread::sleep(Duration::from_millis(1));
+    }
     let (addr, dest) = destination(dest_cfg());
     let cfg = MigrationConfig {
         bandwidth_limit: 2 << 20,
@@ -362,6 +369,7 @@ fn wrong_version_is_refused() {
             config: String::new(),
         },
         cpu_features: vec![],
+        features: 0,
     };
     send(&mut s, &Message::Hello(hello)).unwrap();
     match recv(&mut s).unwrap() {
@@ -412,9 +420,10 @@ fn corrupted_data_stream_fails_the_migration_on_both_sides() {
             config: String::new(),
         },
         cpu_features: vec![],
+        features: 0,
     };
     send(&mut c, &Message::Hello(hello)).unwrap();
-    let Message::Welcome { session } = recv(&mut c).unwrap() else {
+    let Message::Welcome { session, .. } = recv(&mut c).unwrap() else {
         panic!()
     };
     let mut d = TcpStream::connect(addr).unwrap();
@@ -456,7 +465,14 @@ fn destination_dying_mid_copy_leaves_source_running() {
     std::thread::spawn(move || {
         let (mut c, _) = listener.accept().unwrap();
         let _ = recv(&mut c);
-        send(&mut c, &Message::Welcome { session: 1 }).unwrap();
+        send(
+            &mut c,
+            &Message::Welcome {
+                session: 1,
+                features: 0,
+            },
+        )
+        .unwrap();
         let mut joined = Vec::new();
         for _ in 0..3 {
             joined.push(listener.accept().unwrap().0);
@@ -475,4 +491,154 @@ fn destination_dying_mid_copy_leaves_source_running() {
         "{err}"
     );
     assert!(!vm.paused.load(Ordering::SeqCst));
+}
+
+impl InMemoryTestVm {
+    /// Page `pfn` filled with splitmix64 words: what no compressor can shrink.
+    fn guest_write_random(&self, pfn: u64, seed: u64) {
+        for w in 0..WORDS {
+            let mut z = (pfn << 32 ^ seed << 12 ^ w as u64).wrapping_add(0x9e37_79b9_7f4a_7c15);
+            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+            self.words[pfn as usize * WORDS + w].store(z ^ (z >> 31), Ordering::Relaxed);
+        }
+        self.dirty.lock().unwrap().set(pfn);
+        self.touched.lock().unwrap().set(pfn);
+    }
+}
+
+/// Migrate `vm` with `cfg` and check both copies are identical; the source's stats.
+fn migrate_identical(vm: &Arc<InMemoryTestVm>, cfg: &MigrationConfig) -> MigrationStats {
+    let (addr, dest) = destination(dest_cfg());
+    let stats = go(vm, addr, cfg).unwrap();
+    let (dvm, received) = dest.join().unwrap().unwrap();
+    assert_eq!(
+        source::hash_memory(vm).unwrap(),
+        source::hash_memory(&dvm).unwrap()
+    );
+    assert_eq!(received.pages_received, stats.pages_sent);
+    stats
+}
+
+#[test]
+fn compressed_migration_of_a_busy_vm_is_identical() {
+    let vm = InMemoryTestVm::new(4096);
+    for p in 0..2000 {
+        vm.guest_write(p, p * 3 + 1);
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let guest = vm.run_guest(20, stop.clone());
+    let cfg = MigrationConfig {
+        compression: Compression::On,
+        ..src_cfg()
+    };
+    let stats = migrate_identical(&vm, &cfg);
+    stop.store(true, Ordering::SeqCst);
+    guest.join().unwrap();
+    assert!(stats.compressed_pages >= 2000, "{stats:?}");
+    assert!(
+        stats.compression_saved_bytes > 2000 * PAGE_SIZE as u64 / 2,
+        "{stats:?}"
+    );
+}
+
+#[test]
+fn auto_compresses_compressible_pages_on_a_slow_link() {
+    let vm = InMemoryTestVm::new(4096);
+    for p in 0..2048 {
+        vm.guest_write(p, p + 1);
+    }
+    // 32 MiB/s: writing a page costs far more than compressing it.
+    let cfg = MigrationConfig {
+        bandwidth_limit: 32 << 20,
+        ..src_cfg()
+    };
+    assert_eq!(cfg.compression, Compression::Auto);
+    let stats = migrate_identical(&vm, &cfg);
+    assert!(stats.compressed_pages > 1024, "{stats:?}");
+}
+
+#[test]
+fn incompressible_pages_fall_back_to_plain_batches() {
+    let vm = InMemoryTestVm::new(4096);
+    for p in 0..2048 {
+        vm.guest_write_random(p, 7);
+    }
+    for compression in [Compression::On, Compression::Auto] {
+        let cfg = MigrationConfig {
+            compression,
+            bandwidth_limit: 32 << 20,
+            ..src_cfg()
+        };
+        let stats = migrate_identical(&vm, &cfg);
+        assert_eq!(stats.compressed_pages, 0, "{compression}: {stats:?}");
+        assert_eq!(stats.compression_saved_bytes, 0, "{compression}");
+        assert!(stats.pages_sent >= 2048, "{compression}: {stats:?}");
+    }
+}
+
+#[test]
+fn version_1_source_without_compression_still_migrates() {
+    let vm = InMemoryTestVm::new(1024);
+    for p in 0..512 {
+        vm.guest_write(p, p + 1);
+    }
+    // `off` speaks protocol version 1, byte for byte what older sources send.
+    let cfg = MigrationConfig {
+        compression: Compression::Off,
+        ..src_cfg()
+    };
+    let stats = migrate_identical(&vm, &cfg);
+    assert_eq!(stats.compressed_pages, 0);
+}
+
+#[test]
+fn compressed_pages_without_negotiation_fail_the_migration() {
+    let (addr, dest) = destination(dest_cfg());
+    let mut c = TcpStream::connect(addr).unwrap();
+    let hello = Hello {
+        version: 1,
+        token: String::new(),
+        streams: 1,
+        spec: VmSpec {
+            memory_bytes: 1 << 20,
+            vcpus: 1,
+            page_size: 4096,
+            config: String::new(),
+        },
+        cpu_features: vec![],
+        features: 0,
+    };
+    send(&mut c, &Message::Hello(hello)).unwrap();
+    let Message::Welcome { session, features } = recv(&mut c).unwrap() else {
+        panic!()
+    };
+    assert_eq!(features, 0, "a version 1 source is offered nothing");
+    let mut d = TcpStream::connect(addr).unwrap();
+    send(
+        &mut d,
+        &Message::Join {
+            session,
+            stream: 0,
+            token: String::new(),
+        },
+    )
+    .unwrap();
+    let plain = [
+        &1u32.to_le_bytes()[..],
+        &0u64.to_le_bytes(),
+        &[5u8; PAGE_SIZE],
+    ]
+    .concat();
+    let z = zstd::bulk::compress(&plain, 1).unwrap();
+    send(
+        &mut d,
+        &Message::ZPages {
+            raw_len: plain.len() as u32,
+            data: z,
+        },
+    )
+    .unwrap();
+    let err = dest.join().unwrap().unwrap_err().to_string();
+    assert!(err.contains("did not negotiate"), "{err}");
 }

@@ -1,50 +1,27 @@
-//! The API of trust: operators' tokens (`/v1/tokens`), join tokens
-//! (`/v1/cluster/join-token`), the cluster CA (`/v1/cluster/ca`, public) and the admission of
-//! a new node (`/v1/members/certify`: a join token and a CSR in, a certificate naming the node
-//! out). Secrets are returned once, when created; the state keeps only their hashes.
+//! Trust services: operators' tokens, join tokens, the cluster CA and the admission of a new
+//! node (a join token and a CSR in, a certificate naming the node out). Secrets are returned
+//! once, when created; the state keeps only their hashes.
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
 
-use axum::extract::{Json, Path, State};
 use axum::http::StatusCode;
-use axum::routing::{get, post};
-use axum::{Extension, Router};
 use serde::{Deserialize, Serialize};
 use tern_consensus::access::{AccessRole, ApiToken};
 use tern_consensus::state::Command;
 
-use crate::api::{ApiError, ApiState};
 use crate::auth::Principal;
+use crate::cluster::{now_ms, Cluster};
+use crate::error::ServiceError;
 use crate::pki::{fingerprint, random_secret, sha256_hex, NodeTls};
 
+/// What the trust services need: the cluster client and this node's identity (the CA).
 #[derive(Clone)]
-pub struct AccessCtx {
-    pub api: ApiState,
+pub struct Access {
+    pub cluster: Cluster,
     pub tls: Arc<NodeTls>,
 }
 
-pub fn router(ctx: AccessCtx) -> Router {
-    Router::new()
-        .route("/v1/cluster/ca", get(cluster_ca))
-        .route("/v1/cluster/join-token", post(create_join_token))
-        .route("/v1/tokens", get(list_tokens).post(create_token))
-        .route("/v1/tokens/{name}/revoke", post(revoke_token))
-        .route("/v1/members/certify", post(certify))
-        .with_state(ctx)
-}
-
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
-
-fn err(status: StatusCode, message: impl Into<String>) -> ApiError {
-    ApiError {
-        status,
-        message: message.into(),
-        rejected: None,
-    }
+fn err(status: StatusCode, message: impl Into<String>) -> ServiceError {
+    ServiceError::new(status, message)
 }
 
 /// A join token as handed to a joining node: its secret and the fingerprint of the cluster CA,
@@ -83,13 +60,13 @@ pub struct CaReply {
     pub fingerprint: String,
 }
 
-async fn cluster_ca(State(ctx): State<AccessCtx>) -> Result<Json<CaReply>, ApiError> {
-    let fp = fingerprint(&ctx.tls.ca.cert_pem)
-        .map_err(|e| err(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
-    Ok(Json(CaReply {
-        ca: ctx.tls.ca.cert_pem.clone(),
+/// The cluster CA certificate (public: a joiner checks it against its join token).
+pub fn cluster_ca(a: &Access) -> Result<CaReply, ServiceError> {
+    let fp = fingerprint(&a.tls.ca.cert_pem).map_err(|e| ServiceError::internal(e.to_string()))?;
+    Ok(CaReply {
+        ca: a.tls.ca.cert_pem.clone(),
         fingerprint: fp,
-    }))
+    })
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -105,19 +82,19 @@ pub struct JoinTokenReply {
     pub expires_at_ms: u64,
 }
 
-async fn create_join_token(
-    State(ctx): State<AccessCtx>,
-    Extension(who): Extension<Principal>,
-    Json(body): Json<JoinTokenBody>,
-) -> Result<Json<JoinTokenReply>, ApiError> {
+/// A new join token, committed (hash only) before it is returned.
+pub async fn create_join_token(
+    a: &Access,
+    who: &Principal,
+    body: JoinTokenBody,
+) -> Result<JoinTokenReply, ServiceError> {
     let ttl_s = body.ttl_s.unwrap_or(3600).clamp(1, 30 * 86_400);
     let token = JoinToken {
         secret: random_secret(),
-        ca_fingerprint: fingerprint(&ctx.tls.ca.cert_pem)
-            .map_err(|e| err(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?,
+        ca_fingerprint: cluster_ca(a)?.fingerprint,
     };
     let expires_at_ms = now_ms() + ttl_s * 1000;
-    ctx.api
+    a.cluster
         .propose(
             who.actor(),
             None,
@@ -128,10 +105,10 @@ async fn create_join_token(
             false,
         )
         .await?;
-    Ok(Json(JoinTokenReply {
+    Ok(JoinTokenReply {
         token: token.to_string(),
         expires_at_ms,
-    }))
+    })
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -156,16 +133,17 @@ pub fn new_api_secret() -> String {
     format!("tern_{}", random_secret())
 }
 
-async fn create_token(
-    State(ctx): State<AccessCtx>,
-    Extension(who): Extension<Principal>,
-    Json(body): Json<CreateTokenBody>,
-) -> Result<Json<CreateTokenReply>, ApiError> {
+/// A new operator token, committed (hash only) before its secret is returned.
+pub async fn create_token(
+    a: &Access,
+    who: &Principal,
+    body: CreateTokenBody,
+) -> Result<CreateTokenReply, ServiceError> {
     let secret = new_api_secret();
     let expires_at_ms = body
         .expires_in_s
         .map(|s| now_ms().saturating_add(s.saturating_mul(1000)));
-    ctx.api
+    a.cluster
         .propose(
             who.actor(),
             None,
@@ -178,35 +156,34 @@ async fn create_token(
             false,
         )
         .await?;
-    Ok(Json(CreateTokenReply {
+    Ok(CreateTokenReply {
         name: body.name,
         role: body.role,
         token: secret,
         expires_at_ms,
-    }))
+    })
 }
 
-async fn list_tokens(State(ctx): State<AccessCtx>) -> Json<Vec<ApiToken>> {
-    let view = ctx.api.node().local_view();
-    Json(
-        view.state
-            .access
-            .redacted()
-            .tokens
-            .into_values()
-            .collect(),
-    )
+/// The tokens (names, roles, expiry; hashes removed).
+pub fn list_tokens(a: &Access) -> Vec<ApiToken> {
+    let view = a.cluster.node.local_view();
+    view.state.access.redacted().tokens.into_values().collect()
 }
 
-async fn revoke_token(
-    State(ctx): State<AccessCtx>,
-    Extension(who): Extension<Principal>,
-    Path(name): Path<String>,
-) -> Result<Json<serde_json::Value>, ApiError> {
-    ctx.api
-        .propose(who.actor(), None, Command::RevokeToken { name: name.clone() }, false)
+pub async fn revoke_token(
+    a: &Access,
+    who: &Principal,
+    name: String,
+) -> Result<serde_json::Value, ServiceError> {
+    a.cluster
+        .propose(
+            who.actor(),
+            None,
+            Command::RevokeToken { name: name.clone() },
+            false,
+        )
         .await?;
-    Ok(Json(serde_json::json!({ "revoked": name })))
+    Ok(serde_json::json!({ "revoked": name }))
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -227,12 +204,9 @@ pub struct CertifyReply {
 
 /// Admit a node: with a valid join token, sign its CSR for the node id it asks for, unless
 /// that id is already a member (a join token cannot be used to impersonate a member).
-async fn certify(
-    State(ctx): State<AccessCtx>,
-    Json(body): Json<CertifyBody>,
-) -> Result<Json<CertifyReply>, ApiError> {
-    check_join_token(&ctx.api, &body.join_token)?;
-    let metrics = ctx.api.node().raft.metrics().borrow().clone();
+pub fn certify(a: &Access, body: CertifyBody) -> Result<CertifyReply, ServiceError> {
+    check_join_token(&a.cluster, &body.join_token)?;
+    let metrics = a.cluster.node.raft.metrics().borrow().clone();
     if metrics
         .membership_config
         .membership()
@@ -248,24 +222,24 @@ async fn certify(
         return Err(err(StatusCode::BAD_REQUEST, "give 1 to 4 addresses"));
     }
     let hosts: Vec<String> = body.addrs.iter().map(|a| crate::pki::host_of(a)).collect();
-    let cert = ctx
+    let cert = a
         .tls
         .ca
         .issue_node_cert(&body.csr, body.id, &hosts)
         .map_err(|e| err(StatusCode::BAD_REQUEST, format!("csr: {e}")))?;
     tracing::info!(id = body.id, "certified a joining node");
-    Ok(Json(CertifyReply {
+    Ok(CertifyReply {
         cert,
-        ca: ctx.tls.ca.cert_pem.clone(),
-        ca_key: ctx.tls.ca.key_pem().to_string(),
-    }))
+        ca: a.tls.ca.cert_pem.clone(),
+        ca_key: a.tls.ca.key_pem().to_string(),
+    })
 }
 
 /// A presented join token must be committed and unexpired (401 otherwise).
-pub fn check_join_token(api: &ApiState, presented: &str) -> Result<(), ApiError> {
+pub fn check_join_token(cluster: &Cluster, presented: &str) -> Result<(), ServiceError> {
     let unauthorized = |m: &str| err(StatusCode::UNAUTHORIZED, m);
     let token = JoinToken::parse(presented).map_err(|e| unauthorized(&e))?;
-    let view = api.node().local_view();
+    let view = cluster.node.local_view();
     if view
         .state
         .access
@@ -287,7 +261,12 @@ mod tests {
         let t = JoinToken::parse(&text).unwrap();
         assert_eq!(t.secret, "a".repeat(64));
         assert_eq!(t.ca_fingerprint, "b".repeat(64));
-        for bad in ["", "abc", &"a".repeat(129), &format!("{}.zz", "a".repeat(64))] {
+        for bad in [
+            "",
+            "abc",
+            &"a".repeat(129),
+            &format!("{}.zz", "a".repeat(64)),
+        ] {
             assert!(JoinToken::parse(bad).is_err(), "{bad}");
         }
     }
