@@ -65,12 +65,6 @@ fn writes() -> Vec<(&'static str, Value)> {
     ]
 }
 
-fn create_token(c: &Cluster, name: &str, role: &str) -> String {
-    let out = c.tern_ok(&["token", "create", name, "--role", role, "--json"]);
-    let v: Value = serde_json::from_str(&out).expect("token json");
-    v["token"].as_str().expect("secret").to_string()
-}
-
 #[test]
 fn trust_api_needs_a_token_and_roles_limit_what_it_may_do() {
     let c = Cluster::start(1, &[]);
@@ -96,7 +90,7 @@ fn trust_api_needs_a_token_and_roles_limit_what_it_may_do() {
     }
 
     // An auditor reads everything and writes nothing.
-    let auditor = create_token(&c, "audrey", "auditor");
+    let auditor = c.token("audrey", "auditor");
     for path in [
         "/v1/state",
         "/v1/status",
@@ -113,7 +107,7 @@ fn trust_api_needs_a_token_and_roles_limit_what_it_may_do() {
     }
 
     // An operator runs workloads, not the cluster.
-    let operator = create_token(&c, "olga", "operator");
+    let operator = c.token("olga", "operator");
     for command in [
         json!({"op": "set_drs", "settings": {"automation": "fully-automated", "migration_threshold": 5, "interval_s": 1}}),
         json!({"op": "remove_host", "id": 1}),

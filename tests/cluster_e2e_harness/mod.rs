@@ -217,12 +217,45 @@ impl Cluster {
         out
     }
 
+    /// `tern ARGS` with an operator token (`TERN_TOKEN`); panics unless it succeeds.
+    pub fn tern_as(&self, token: &str, args: &[&str]) -> String {
+        self.tern_as_at(&self.live(), token, args)
+    }
+
+    pub fn tern_as_at(&self, server: &str, token: &str, args: &[&str]) -> String {
+        let (ok, out, err) = self.tern_with(server, Some(token), args);
+        assert!(ok, "tern {args:?} failed:\n{out}\n{err}\n{}", self.logs());
+        out
+    }
+
+    /// A new API token named `name` with `role`; returns its secret.
+    pub fn token(&self, name: &str, role: &str) -> String {
+        let out = self.tern_ok(&["token", "create", name, "--role", role, "--json"]);
+        let v: Value = serde_json::from_str(&out).expect("token json");
+        v["token"].as_str().expect("secret").to_string()
+    }
+
     pub fn tern_at(&self, server: &str, args: &[&str]) -> (bool, String, String) {
-        let out = Command::new(env!("CARGO_BIN_EXE_tern"))
+        self.tern_with(server, None, args)
+    }
+
+    /// `tern ARGS` against `server` as admin, or with `token` instead.
+    fn tern_with(
+        &self,
+        server: &str,
+        token: Option<&str>,
+        args: &[&str],
+    ) -> (bool, String, String) {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_tern"));
+        if let Some(t) = token {
+            cmd.env("TERN_TOKEN", t);
+        } else {
+            cmd.env_remove("TERN_TOKEN");
+        }
+        let out = cmd
             .args(args)
             .env("TERN_SERVER", server)
             .env("TERN_CONFIG", api::config_path(server))
-            .env_remove("TERN_TOKEN")
             .env_remove("TERN_CA")
             .env_remove("TERN_USER")
             .output()

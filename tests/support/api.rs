@@ -84,3 +84,44 @@ pub fn join_token(addr: &str) -> String {
         v["token"].as_str().map(str::to_string)
     })
 }
+
+/// POST as member node `id` (with its certificate from its data directory `data`) to node
+/// `target` at `addr`: what a peer may call that an operator may not. Returns (status, body).
+pub fn post_as_node(
+    data: &Path,
+    id: u64,
+    target: u64,
+    addr: &str,
+    path: &str,
+    body: &serde_json::Value,
+) -> (u16, serde_json::Value) {
+    let tls = tern_node::pki::NodeTls::load(data, id)
+        .unwrap()
+        .expect("node identity");
+    let peers = tern_consensus::network::PeerTls {
+        config: std::sync::Arc::new(tls.peer_client_config().unwrap()),
+        self_id: id,
+        source_ip: None,
+    };
+    let (client, base) = peers
+        .client(target, addr, Some(Duration::from_secs(10)))
+        .unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let resp = client
+            .post(format!("{base}{path}"))
+            .json(body)
+            .send()
+            .await
+            .expect("post as node");
+        let status = resp.status().as_u16();
+        let text = resp.text().await.unwrap_or_default();
+        (
+            status,
+            serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text)),
+        )
+    })
+}
