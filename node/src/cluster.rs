@@ -17,11 +17,13 @@ use super::error::ServiceError;
 /// Header marking a request one node forwarded to another (to the leader).
 pub const FORWARDED: &str = "x-tern-forwarded";
 
+/// Mutual-TLS clients to peers and their base URLs, by (node id, address).
+type PeerClients = HashMap<(u64, String), (reqwest::Client, String)>;
+
 #[derive(Clone)]
 pub struct Cluster {
     pub node: ConsensusNode,
-    /// Mutual-TLS clients to peers and their base URLs, by (node id, address).
-    peers: Arc<Mutex<HashMap<(u64, String), (reqwest::Client, String)>>>,
+    peers: Arc<Mutex<PeerClients>>,
 }
 
 /// A command to commit, as sent to `/v1/write` (by an operator, or forwarded by a node).

@@ -23,12 +23,12 @@ pub fn check_sender(who: &Principal, vote: &Vote<u64>) -> Result<(), ServiceErro
 /// the sender's term, and a commit position not from a later term.
 pub fn check_append(rpc: &AppendEntriesRequest<TypeConfig>) -> Result<(), String> {
     let vote_term = rpc.vote.leader_id().term;
-    let mut index = rpc.prev_log_id.map_or(0, |l| l.index + 1);
+    let first = rpc.prev_log_id.map_or(0, |l| l.index + 1);
     let mut term = rpc.prev_log_id.map_or(0, |l| l.leader_id.term);
     if term > vote_term {
         return Err("prev_log_id is from a later term than the sender's".into());
     }
-    for e in &rpc.entries {
+    for (index, e) in (first..).zip(&rpc.entries) {
         if e.log_id.index != index {
             return Err(format!("entry {} where {index} was due", e.log_id.index));
         }
@@ -37,7 +37,6 @@ pub fn check_append(rpc: &AppendEntriesRequest<TypeConfig>) -> Result<(), String
             return Err(format!("entry {index} has an impossible term {t}"));
         }
         term = t;
-        index += 1;
     }
     if rpc
         .leader_commit
