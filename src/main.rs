@@ -23,6 +23,8 @@ struct Cli {
 enum Command {
     /// Run, migrate and receive virtual machines on this host's embedded hypervisor.
     Vm(cmd::vm::VmArgs),
+    /// Run one VM as its own process, driven through its control socket (started by `tern node`).
+    Vmm(cmd::vmm::VmmArgs),
     /// Write the built-in test guest image (a multiboot v1 ELF) to a file.
     GuestImage(cmd::guest::GuestImageArgs),
     /// Run the host agent: a Raft member with its HTTP API.
@@ -56,6 +58,7 @@ fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Vm(args) => cmd::vm::run(args),
+        Command::Vmm(args) => cmd::vmm::run(args),
         Command::GuestImage(args) => cmd::guest::run(args),
         Command::Node(args) => cmd::node::run(args),
         Command::Cluster(args) => cmd::cluster::run_cluster(args),

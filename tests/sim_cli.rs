@@ -127,3 +127,95 @@ fn initial_placement_flag_is_parsed_and_bad_values_refused() {
     assert!(!bad.status.success());
     assert!(String::from_utf8_lossy(&bad.stderr).contains("half"));
 }
+
+#[test]
+fn shaped_fleet_says_whether_it_is_over_committed_before_it_runs() {
+    let shape = concat!(env!("CARGO_MANIFEST_DIR"), "/sim/fleets/datacentre.toml");
+    let run = |hosts: &str, vms: &str| {
+        tern()
+            .args(["sim", "--synthetic", "--shape", shape, "--policy", "thr-mc"])
+            .args([
+                "--hosts", hosts, "--vms", vms, "--days", "0.1", "--json", "--quiet",
+            ])
+            .output()
+            .unwrap()
+    };
+    let roomy = run("40", "200");
+    assert!(
+        roomy.status.success(),
+        "{}",
+        String::from_utf8_lossy(&roomy.stderr)
+    );
+    let err = String::from_utf8_lossy(&roomy.stderr);
+    assert!(err.contains("fleet demand vs capacity"), "{err}");
+    assert!(!err.contains("OVER-COMMITTED"), "{err}");
+    let r: serde_json::Value = serde_json::from_slice(&roomy.stdout).unwrap();
+    assert_eq!(r["policy"], "thr-mc");
+    assert_eq!(
+        (r["hosts"].as_u64(), r["vms"].as_u64()),
+        (Some(40), Some(200))
+    );
+    assert!(r["commitment"]["peak_demand_ratio"].as_f64().unwrap() < 1.0);
+    // Ten times the VMs on a quarter of the hosts: demand exceeds capacity, and it is said.
+    let crowded = run("10", "2000");
+    let err = String::from_utf8_lossy(&crowded.stderr);
+    assert!(err.contains("OVER-COMMITTED"), "{err}");
+}
+
+#[test]
+fn sweep_writes_one_table_and_one_chart_per_metric() {
+    let d = tempfile::tempdir().unwrap();
+    for day in ["day1", "day2"] {
+        let dir = d.path().join(day);
+        std::fs::create_dir(&dir).unwrap();
+        write_traces(&dir, 8);
+    }
+    let out = d.path().join("out");
+    let run = tern()
+        .args([
+            "sim",
+            "sweep",
+            "--hosts",
+            "8",
+            "--policies",
+            "none,lr-mmt,mad-mc",
+        ])
+        .arg("--trace")
+        .arg(d.path().join("day1"))
+        .arg("--trace")
+        .arg(d.path().join("day2"))
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let csv = std::fs::read_to_string(out.join("sweep.csv")).unwrap();
+    assert_eq!(csv.lines().count(), 1 + 2 * 3, "{csv}");
+    assert!(csv.contains("day2,mad-mc,1,"), "{csv}");
+    let md = std::fs::read_to_string(out.join("sweep.md")).unwrap();
+    assert!(md.contains("| day1 | lr-mmt | 1 |"), "{md}");
+    for m in [
+        "energy_kwh",
+        "slatah_pct",
+        "pdm_pct",
+        "esv",
+        "migrations",
+        "active_hosts",
+    ] {
+        let svg = std::fs::read_to_string(out.join(format!("{m}.svg"))).unwrap();
+        assert!(svg.contains("<svg") && svg.contains("mad-mc"), "{m}");
+    }
+    let bad = tern()
+        .args(["sim", "sweep", "--policies", "magic", "--out"])
+        .arg(d.path().join("o2"))
+        .arg("--trace")
+        .arg(d.path().join("day1"))
+        .output()
+        .unwrap();
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("magic"));
+}

@@ -3,8 +3,7 @@
 //! `ClusterState::apply` is the only way state changes. It is deterministic: it never reads a
 //! clock or any other input outside the command (time comes in the `Request` from the proposer),
 //! and a rejected command leaves the state exactly as it was.
-use std::collections::BTreeMap;
-
+use imbl::{OrdMap, OrdSet, Vector};
 use serde::{Deserialize, Serialize};
 
 use crate::access::{AccessChange, AccessRole, AccessState};
@@ -13,7 +12,18 @@ pub type HostId = u64;
 pub type TaskId = u64;
 
 /// How many audit entries are kept; older ones are dropped (deterministically, by count).
-pub const AUDIT_RETAIN: usize = 10_000;
+pub const AUDIT_RETAIN: usize = 100_000;
+/// The audit and the task history are trimmed back to their bound once they exceed it by this
+/// many, so that most writes only append (trimming one entry per write would copy the head of
+/// the persistent vector on every write).
+pub const TRIM_BATCH: usize = 1_024;
+/// A finished task stays in `tasks` (for `tern task list` and clients waiting on it) this long
+/// after it finished, by the committed clock...
+pub const FINISHED_TASK_RETAIN_MS: u64 = 3_600_000;
+/// ...and at most this many finished tasks stay there; older ones move to `task_history`.
+pub const FINISHED_TASK_RETAIN: usize = 1_000;
+/// How many finished tasks `task_history` keeps; the oldest are dropped first.
+pub const TASK_HISTORY_RETAIN: usize = 100_000;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -248,24 +258,89 @@ impl Default for SlotSettings {
 }
 
 /// The whole replicated truth of the cluster.
+///
+/// The collections are persistent maps (`imbl`): cloning the state shares them, so the
+/// published view and the next state differ only in the paths a command touched, and applying
+/// a command costs O(log n) in the size of the state. They serialize exactly as the
+/// `BTreeMap`s and `Vec`s of earlier versions did, so snapshots stay readable.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ClusterState {
-    pub hosts: BTreeMap<HostId, Host>,
-    pub vms: BTreeMap<String, Vm>,
-    pub pools: BTreeMap<String, ResourcePool>,
-    pub rules: BTreeMap<String, Rule>,
-    pub tasks: BTreeMap<TaskId, MigrationTask>,
+    pub hosts: OrdMap<HostId, Host>,
+    pub vms: OrdMap<String, Vm>,
+    pub pools: OrdMap<String, ResourcePool>,
+    pub rules: OrdMap<String, Rule>,
+    /// Active tasks, and finished ones for a while (`FINISHED_TASK_RETAIN_MS`).
+    pub tasks: OrdMap<TaskId, MigrationTask>,
     pub next_task_id: TaskId,
-    pub schedules: BTreeMap<String, Schedule>,
+    pub schedules: OrdMap<String, Schedule>,
     pub drs: DrsSettings,
-    pub audit: Vec<AuditEntry>,
-    pub users: BTreeMap<String, User>,
-    pub roles: BTreeMap<String, Role>,
+    pub audit: Vector<AuditEntry>,
+    pub users: OrdMap<String, User>,
+    pub roles: OrdMap<String, Role>,
     #[serde(default)]
     pub slots: SlotSettings,
     /// Operators' API tokens and join tokens (hashes only).
     #[serde(default)]
     pub access: AccessState,
+    /// The audit trail of finished migration tasks that left `tasks`, oldest first (tokens
+    /// cleared), bounded by `TASK_HISTORY_RETAIN`.
+    #[serde(default)]
+    pub task_history: Vector<MigrationTask>,
+    #[serde(skip)]
+    index: TaskIndex,
+}
+
+/// Lookups over `tasks` that `apply` needs in O(log n). Derived data: not serialized, rebuilt
+/// on the first apply after a state is deserialized, and never part of equality.
+#[derive(Clone, Default)]
+struct TaskIndex {
+    built: bool,
+    /// The active (queued or running) task of each VM.
+    active_by_vm: OrdMap<String, TaskId>,
+    running: OrdSet<TaskId>,
+    /// Finished tasks still in `tasks`, by (finish time, id).
+    finished: OrdSet<(u64, TaskId)>,
+}
+
+impl PartialEq for TaskIndex {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+
+impl Eq for TaskIndex {}
+
+impl std::fmt::Debug for TaskIndex {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("TaskIndex")
+    }
+}
+
+impl TaskIndex {
+    fn add(&mut self, t: &MigrationTask) {
+        match t.state {
+            s if s.is_final() => {
+                self.finished.insert((t.finished_at_ms.unwrap_or(0), t.id));
+            }
+            s => {
+                self.active_by_vm.insert(t.vm.clone(), t.id);
+                if s == TaskState::Running {
+                    self.running.insert(t.id);
+                }
+            }
+        }
+    }
+
+    fn remove(&mut self, t: &MigrationTask) {
+        if t.state.is_final() {
+            self.finished.remove(&(t.finished_at_ms.unwrap_or(0), t.id));
+        } else {
+            if self.active_by_vm.get(&t.vm) == Some(&t.id) {
+                self.active_by_vm.remove(&t.vm);
+            }
+            self.running.remove(&t.id);
+        }
+    }
 }
 
 /// A command as proposed: who asks, when (the proposer's clock), and what.
@@ -458,6 +533,13 @@ pub enum CommandError {
     Invalid { reason: String },
 }
 
+/// Drop the oldest entries down to `keep` once there are `TRIM_BATCH` too many.
+fn trim_front<T: Clone>(v: &mut Vector<T>, keep: usize) {
+    if v.len() >= keep + TRIM_BATCH {
+        *v = v.skip(v.len() - keep);
+    }
+}
+
 fn invalid(reason: impl Into<String>) -> CommandError {
     CommandError::Invalid {
         reason: reason.into(),
@@ -467,29 +549,95 @@ fn invalid(reason: impl Into<String>) -> CommandError {
 impl ClusterState {
     /// Validate and apply one command at log position `index`. On error nothing changed.
     pub fn apply(&mut self, index: u64, req: &Request) -> Result<Applied, CommandError> {
+        self.ensure_index();
         let applied = self.apply_command(req)?;
         if !matches!(req.command, Command::Noop) {
-            self.audit.push(AuditEntry {
+            self.audit.push_back(AuditEntry {
                 index,
                 at_ms: req.at_ms,
                 actor: req.actor.clone(),
                 action: describe(&req.command),
             });
-            if self.audit.len() > AUDIT_RETAIN {
-                let excess = self.audit.len() - AUDIT_RETAIN;
-                self.audit.drain(..excess);
+            trim_front(&mut self.audit, AUDIT_RETAIN);
+        }
+        self.retire_finished_tasks(req.at_ms);
+        Ok(applied)
+    }
+
+    /// A task by id, live or in the history.
+    pub fn find_task(&self, id: TaskId) -> Option<&MigrationTask> {
+        self.tasks
+            .get(&id)
+            .or_else(|| self.task_history.iter().rev().find(|t| t.id == id))
+    }
+
+    /// Every task the state knows, finished history first, then the live ones by id.
+    pub fn all_tasks(&self) -> impl Iterator<Item = &MigrationTask> {
+        self.task_history.iter().chain(self.tasks.values())
+    }
+
+    /// The same state without secrets (migration tokens), for answers that leave the nodes.
+    pub fn without_secrets(&self) -> ClusterState {
+        let mut state = self.clone();
+        for (id, task) in &self.tasks {
+            if !task.token.is_empty() {
+                let mut t = task.clone();
+                t.token.clear();
+                state.tasks.insert(*id, t);
             }
         }
-        Ok(applied)
+        state.access = self.access.redacted();
+        state
+    }
+
+    fn ensure_index(&mut self) {
+        if self.index.built {
+            return;
+        }
+        let mut index = TaskIndex {
+            built: true,
+            ..TaskIndex::default()
+        };
+        for t in self.tasks.values() {
+            index.add(t);
+        }
+        self.index = index;
+    }
+
+    /// Insert or replace a task, keeping the index in step.
+    fn put_task(&mut self, task: MigrationTask) {
+        if let Some(old) = self.tasks.get(&task.id) {
+            self.index.remove(old);
+        }
+        self.index.add(&task);
+        self.tasks.insert(task.id, task);
+    }
+
+    /// Move finished tasks past their retention from `tasks` to `task_history`.
+    fn retire_finished_tasks(&mut self, now_ms: u64) {
+        while let Some(&(finished_ms, id)) = self.index.finished.get_min() {
+            let expired = finished_ms.saturating_add(FINISHED_TASK_RETAIN_MS) <= now_ms;
+            if !expired && self.index.finished.len() <= FINISHED_TASK_RETAIN {
+                break;
+            }
+            self.index.finished.remove(&(finished_ms, id));
+            if let Some(mut task) = self.tasks.remove(&id) {
+                task.token.clear();
+                self.task_history.push_back(task);
+            }
+            trim_front(&mut self.task_history, TASK_HISTORY_RETAIN);
+        }
     }
 
     /// Whether one more migration from `from` to `to` fits the slot limits; says why not.
     pub fn slot_free(&self, from: HostId, to: HostId) -> Result<(), String> {
-        let running: Vec<&MigrationTask> = self
-            .tasks
-            .values()
-            .filter(|t| t.state == TaskState::Running)
-            .collect();
+        let running: Vec<&MigrationTask> = if self.index.built {
+            let ids = self.index.running.iter();
+            ids.filter_map(|id| self.tasks.get(id)).collect()
+        } else {
+            let all = self.tasks.values();
+            all.filter(|t| t.state == TaskState::Running).collect()
+        };
         let out = running.iter().filter(|t| t.from == from).count() as u32;
         let inb = running.iter().filter(|t| t.to == to).count() as u32;
         if out >= self.slots.per_source {
@@ -529,11 +677,8 @@ impl ClusterState {
                 t.vm, t.to
             )));
         }
-        if let Some(active) = self
-            .tasks
-            .values()
-            .find(|x| x.vm == t.vm && !x.state.is_final())
-        {
+        let active = self.index.active_by_vm.get(&t.vm);
+        if let Some(active) = active.and_then(|id| self.tasks.get(id)) {
             return Err(invalid(format!(
                 "vm {:?} already has migration task {} ({:?})",
                 t.vm, active.id, active.state
@@ -770,7 +915,7 @@ impl ClusterState {
                 )?;
                 let id = task.id;
                 self.next_task_id += 1;
-                self.tasks.insert(id, task);
+                self.put_task(task);
                 return Ok(Applied::TaskCreated { id });
             }
             Command::UpdateTask {
@@ -787,10 +932,7 @@ impl ClusterState {
                     self.slot_free(current.from, current.to)
                         .map_err(|why| invalid(format!("no free migration slot: {why}")))?;
                 }
-                let task = self
-                    .tasks
-                    .get_mut(id)
-                    .ok_or(CommandError::UnknownTask { id: *id })?;
+                let mut task = current.clone();
                 if task.state.is_final() {
                     return Err(CommandError::TaskFinal {
                         id: *id,
@@ -813,6 +955,7 @@ impl ClusterState {
                 if error.is_some() {
                     task.error = error.clone();
                 }
+                self.put_task(task);
             }
             Command::PutSchedule { schedule } => {
                 if schedule.name.is_empty() || schedule.cron.is_empty() {
@@ -879,7 +1022,7 @@ impl ClusterState {
                     Some(Ok(t)) => {
                         applied = Applied::TaskCreated { id: t.id };
                         self.next_task_id += 1;
-                        self.tasks.insert(t.id, t);
+                        self.put_task(t);
                     }
                     Some(Err(e)) => error = Some(e.to_string()),
                     None => {}

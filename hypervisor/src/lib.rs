@@ -16,7 +16,9 @@ pub mod serial;
 pub mod signals;
 pub mod state;
 pub mod status;
+pub mod uffd;
 pub mod vm;
+pub mod vmm;
 pub mod workload;
 
 pub use cpu::CpuFeatures;

@@ -51,12 +51,7 @@ pub fn now_ms() -> u64 {
 /// The committed state as shown outside the nodes: migration tokens authenticate streams and
 /// token hashes authenticate operators and joiners, so they never leave the nodes.
 pub fn redacted(state: &ClusterState) -> ClusterState {
-    let mut state = state.clone();
-    for t in state.tasks.values_mut() {
-        t.token.clear();
-    }
-    state.access = state.access.redacted();
-    state
+    state.without_secrets()
 }
 
 impl Cluster {

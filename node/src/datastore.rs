@@ -19,6 +19,25 @@ pub struct VmConfig {
     pub workload: String,
 }
 
+/// `Datastore::create` found the VM's directory already there.
+#[derive(Debug)]
+pub struct DirExists {
+    pub dir: PathBuf,
+}
+
+impl std::fmt::Display for DirExists {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "datastore directory {} already exists (another create of this name is in progress, \
+             or one was interrupted: if the vm is not in `tern vm list`, remove the directory)",
+            self.dir.display()
+        )
+    }
+}
+
+impl std::error::Error for DirExists {}
+
 #[derive(Clone, Debug)]
 pub struct Datastore {
     root: PathBuf,
@@ -56,10 +75,28 @@ impl Datastore {
         Ok(self.root.join("vms").join(name))
     }
 
-    /// Write the config and create the disk file for a new VM.
+    /// Create a new VM's directory, config and disk file. The directory is created
+    /// exclusively: when it already exists (another create of the same name, or files left by
+    /// an interrupted one) this fails with `DirExists` and touches nothing, so a create that
+    /// loses a race never removes the winner's files.
     pub fn create(&self, cfg: &VmConfig) -> anyhow::Result<()> {
         let dir = self.dir(&cfg.name)?;
-        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        match std::fs::create_dir(&dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                return Err(DirExists { dir }.into());
+            }
+            Err(e) => return Err(e).with_context(|| format!("creating {}", dir.display())),
+        }
+        let written = self.write_new(&dir, cfg);
+        if written.is_err() {
+            // The directory is this call's own: nothing else can have used it yet.
+            let _ = std::fs::remove_dir_all(&dir);
+        }
+        written
+    }
+
+    fn write_new(&self, dir: &Path, cfg: &VmConfig) -> anyhow::Result<()> {
         let tmp = dir.join("config.json.tmp");
         std::fs::write(&tmp, serde_json::to_vec_pretty(cfg)?)?;
         std::fs::rename(&tmp, dir.join("config.json"))?;
@@ -133,6 +170,27 @@ mod tests {
         assert!(ds.lock("a").is_err());
         drop(l);
         assert!(ds.lock("a").is_ok());
+    }
+
+    #[test]
+    fn a_second_create_of_a_name_fails_and_leaves_the_first_ones_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let ds = Datastore::open(dir.path()).unwrap();
+        let first = VmConfig {
+            name: "a".into(),
+            memory_mib: 64,
+            vcpus: 1,
+            workload: "wss=8M".into(),
+        };
+        ds.create(&first).unwrap();
+        let second = VmConfig {
+            memory_mib: 128,
+            ..first.clone()
+        };
+        let err = ds.create(&second).unwrap_err();
+        assert!(err.is::<DirExists>(), "{err:#}");
+        assert_eq!(ds.config("a").unwrap(), first);
+        assert!(dir.path().join("vms/a/disk.img").exists());
     }
 
     #[test]

@@ -35,6 +35,7 @@ pub mod queue_view;
 mod raft_rpc;
 pub mod sched_view;
 pub mod schedules;
+pub mod supervisor;
 pub mod vms;
 
 use std::path::PathBuf;

@@ -5,7 +5,7 @@ use tern_consensus::state::{AutomationLevel, Command, VmSpec, VmState};
 use tern_consensus::{Applied, ClusterState};
 use tern_hypervisor::{GuestStatus, Workload};
 
-use super::datastore::VmConfig;
+use super::datastore::{DirExists, VmConfig};
 use super::error::ServiceError;
 use super::host::HostCtx;
 use super::sched_view;
@@ -90,8 +90,13 @@ pub async fn create(ctx: &HostCtx, body: CreateVmBody) -> Result<CreateVmReply, 
     if state.vms.contains_key(&body.name) {
         return Err(ServiceError::conflict(format!("vm {:?} exists", body.name)));
     }
-    ds.create(&cfg)
-        .map_err(|e| ServiceError::bad(format!("{e:#}")))?;
+    ds.create(&cfg).map_err(|e| {
+        if e.is::<DirExists>() {
+            ServiceError::conflict(format!("vm {:?}: {e}", body.name))
+        } else {
+            ServiceError::bad(format!("{e:#}"))
+        }
+    })?;
     let actor = body.actor.clone().unwrap_or_else(|| "api".into());
     let spec = VmSpec {
         name: body.name.clone(),
@@ -113,7 +118,11 @@ pub async fn create(ctx: &HostCtx, body: CreateVmBody) -> Result<CreateVmReply, 
         )
         .await;
     if let Err(e) = created {
-        let _ = ds.remove(&body.name);
+        // The files are this request's own (created exclusively above). Remove them only when
+        // the command was certainly refused: an unknown outcome may still commit the VM.
+        if e.rejected.is_some() {
+            let _ = ds.remove(&body.name);
+        }
         return Err(e);
     }
     ctx.cluster

@@ -43,6 +43,8 @@ pub struct Engine<'f> {
     started_at: Vec<f64>,
     seq: u64,
     timeline: Vec<TimePoint>,
+    /// The policy's hosts draw peak power whatever their load (NPA).
+    peak_power: bool,
 }
 
 /// Runs `fleet` under `policy`. `progress(done, total)` is called after each tick.
@@ -65,6 +67,7 @@ pub fn run(
         started_at: vec![f64::NAN; fleet.vms.len()],
         seq: 0,
         timeline: Vec::new(),
+        peak_power: policy.peak_power(),
     };
     let placement = policy.initial_placement(&e.c);
     for (v, h) in placement.into_iter().enumerate() {
@@ -81,6 +84,7 @@ pub fn run(
     let mut next_event = 0;
     let ticks = ((fleet.duration_s / fleet.interval_s).ceil() as u64).saturating_sub(1);
     let offset = if fleet.cloudsim_engine { 0.1 } else { 0.0 };
+
     for k in 1..=ticks {
         let t = k as f64 * fleet.interval_s + offset;
         e.drain_until(t, &events, &mut next_event, policy);
@@ -312,8 +316,16 @@ impl<'f> Engine<'f> {
             let before = c.utilization(h);
             c.recompute_host(h);
             if dt > 0.0 {
-                let after = c.utilization(h);
-                self.acc.energy_j += c.fleet.hosts[h].power.energy_joules(before, after, dt);
+                let power = &c.fleet.hosts[h].power;
+                self.acc.energy_j += if self.peak_power {
+                    if c.hosts[h].up {
+                        power.watts_at(1.0) * dt
+                    } else {
+                        0.0
+                    }
+                } else {
+                    power.energy_joules(before, c.utilization(h), dt)
+                };
             }
         }
         if dt > 0.0 {

@@ -220,8 +220,25 @@ impl Fleet {
         })
     }
 
-    /// A fleet from a TOML file (see docs/sim.md for the format).
+    /// A fleet from a TOML file (see docs/sim.md for the format); every group gives `count`.
     pub fn from_toml(path: &Path, seed: u64) -> Result<Fleet> {
+        Self::from_toml_scaled(path, seed, None)
+    }
+
+    /// A generated fleet of the shape a TOML file describes (`tern sim --synthetic --shape`):
+    /// `hosts` and `vms` are shared out over the groups by their `share` (or `count`, taken
+    /// as a weight), and the run lasts `days`.
+    pub fn from_shape(
+        path: &Path,
+        seed: u64,
+        hosts: usize,
+        vms: usize,
+        days: f64,
+    ) -> Result<Fleet> {
+        Self::from_toml_scaled(path, seed, Some(Scale { hosts, vms, days }))
+    }
+
+    fn from_toml_scaled(path: &Path, seed: u64, scale: Option<Scale>) -> Result<Fleet> {
         let text = std::fs::read_to_string(path).map_err(|source| SimError::Io {
             path: path.to_path_buf(),
             source,
@@ -230,11 +247,19 @@ impl Fleet {
             path: path.to_path_buf(),
             msg: e.to_string(),
         })?;
-        cfg.build(seed).map_err(|msg| SimError::Config {
+        cfg.build(seed, scale).map_err(|msg| SimError::Config {
             path: path.to_path_buf(),
             msg,
         })
     }
+}
+
+/// Totals a shape file is scaled to.
+#[derive(Debug, Clone, Copy)]
+struct Scale {
+    hosts: usize,
+    vms: usize,
+    days: f64,
 }
 
 #[derive(Deserialize)]
@@ -242,7 +267,8 @@ impl Fleet {
 struct FleetToml {
     #[serde(default = "default_interval")]
     interval_s: f64,
-    days: f64,
+    #[serde(default)]
+    days: Option<f64>,
     #[serde(default)]
     migration: Option<MigrationModel>,
     host: Vec<HostGroup>,
@@ -258,7 +284,10 @@ fn default_interval() -> f64 {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct HostGroup {
-    count: usize,
+    #[serde(default)]
+    count: Option<usize>,
+    #[serde(default)]
+    share: Option<f64>,
     pes: u32,
     pe_mips: f64,
     ram_mb: u64,
@@ -269,7 +298,10 @@ struct HostGroup {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct VmGroup {
-    count: usize,
+    #[serde(default)]
+    count: Option<usize>,
+    #[serde(default)]
+    share: Option<f64>,
     #[serde(default = "one")]
     pes: u32,
     mips: f64,
@@ -278,9 +310,13 @@ struct VmGroup {
     bw_mbps: f64,
     #[serde(default)]
     dirty_mb_s: f64,
-    /// diurnal | bursty | random_walk | mixed
+    /// diurnal | bursty | random_walk | trend | mixed
     #[serde(default = "mixed")]
     workload: String,
+    /// Weights of the load patterns in this group (instead of one `workload`), e.g.
+    /// `{ diurnal = 3, bursty = 1, trend = 1 }`.
+    #[serde(default)]
+    mix: Option<std::collections::BTreeMap<String, f64>>,
 }
 
 fn one() -> u32 {
@@ -293,19 +329,106 @@ fn mixed() -> String {
     "mixed".into()
 }
 
+/// Group sizes: each group's `count`, or with a `Scale`, `total` shared out by weight
+/// (`share`, else `count`) with the largest remainders rounded up, so the sizes add up.
+fn group_sizes(
+    groups: &[(Option<usize>, Option<f64>)],
+    total: Option<usize>,
+    what: &str,
+) -> std::result::Result<Vec<usize>, String> {
+    let Some(total) = total else {
+        return groups
+            .iter()
+            .map(|&(c, _)| {
+                c.ok_or_else(|| {
+                    format!("every [[{what}]] needs a count (share is for --synthetic --shape)")
+                })
+            })
+            .collect();
+    };
+    let weights: Vec<f64> = groups
+        .iter()
+        .map(|&(c, s)| s.or(c.map(|c| c as f64)).unwrap_or(f64::NAN))
+        .collect();
+    let sum: f64 = weights.iter().sum();
+    if weights.iter().any(|w| !w.is_finite() || *w < 0.0) || !positive(sum) {
+        return Err(format!(
+            "every [[{what}]] needs a share (or count) >= 0, and one above 0"
+        ));
+    }
+    let exact: Vec<f64> = weights.iter().map(|w| w / sum * total as f64).collect();
+    let mut sizes: Vec<usize> = exact.iter().map(|x| x.floor() as usize).collect();
+    let mut order: Vec<usize> = (0..sizes.len()).collect();
+    order.sort_by(|&a, &b| (exact[b] - exact[b].floor()).total_cmp(&(exact[a] - exact[a].floor())));
+    let short = total - sizes.iter().sum::<usize>();
+    for &g in order.iter().take(short) {
+        sizes[g] += 1;
+    }
+    Ok(sizes)
+}
+
+/// Load pattern names a [[vm]] group takes.
+const PATTERNS: [&str; 5] = ["diurnal", "bursty", "random_walk", "trend", "mixed"];
+
+impl VmGroup {
+    fn workload(
+        &self,
+        r: &mut crate::workload::ChaCha8Rng,
+        interval_s: f64,
+        hours: usize,
+    ) -> std::result::Result<Workload, String> {
+        let pattern = match &self.mix {
+            None => self.workload.clone(),
+            Some(mix) => {
+                if let Some(bad) = mix.keys().find(|k| !PATTERNS.contains(&k.as_str())) {
+                    return Err(format!(
+                        "unknown workload {bad:?} in mix ({})",
+                        PATTERNS.join(", ")
+                    ));
+                }
+                let total: f64 = mix.values().sum();
+                if mix.values().any(|w| !w.is_finite() || *w < 0.0) || !positive(total) {
+                    return Err("a vm mix needs weights >= 0, one above 0".into());
+                }
+                let mut x = rand::Rng::gen_range(r, 0.0..total);
+                let mut pick = mix.keys().next().cloned().unwrap_or_default();
+                for (name, w) in mix {
+                    pick = name.clone();
+                    if x < *w {
+                        break;
+                    }
+                    x -= w;
+                }
+                pick
+            }
+        };
+        Workload::by_pattern(&pattern, r, interval_s, hours)
+            .ok_or_else(|| format!("unknown workload {pattern:?} ({})", PATTERNS.join(", ")))
+    }
+}
+
 impl FleetToml {
-    fn build(self, seed: u64) -> std::result::Result<Fleet, String> {
-        if !positive(self.interval_s) || !positive(self.days) {
+    fn build(self, seed: u64, scale: Option<Scale>) -> std::result::Result<Fleet, String> {
+        let host_groups: Vec<_> = self.host.iter().map(|g| (g.count, g.share)).collect();
+        let host_sizes = group_sizes(&host_groups, scale.map(|s| s.hosts), "host")?;
+        let vm_groups: Vec<_> = self.vm.iter().map(|g| (g.count, g.share)).collect();
+        let vm_sizes = group_sizes(&vm_groups, scale.map(|s| s.vms), "vm")?;
+        let days = match (scale, self.days) {
+            (Some(s), _) => s.days,
+            (None, Some(d)) => d,
+            (None, None) => return Err("missing field `days`".into()),
+        };
+        if !positive(self.interval_s) || !positive(days) {
             return Err("interval_s and days must be positive".into());
         }
         let mut r = rng(seed);
-        let hours = (self.days * 24.0).ceil() as usize + 1;
+        let hours = (days * 24.0).ceil() as usize + 1;
         let mut hosts = Vec::new();
-        for g in &self.host {
+        for (g, &n) in self.host.iter().zip(&host_sizes) {
             if g.pes == 0 || !positive(g.pe_mips) || g.ram_mb == 0 || !positive(g.bw_mbps) {
                 return Err("every [[host]] needs pes, pe_mips, ram_mb and bw_mbps > 0".into());
             }
-            for _ in 0..g.count {
+            for _ in 0..n {
                 hosts.push(HostSpec {
                     pes: g.pes,
                     pe_mips: g.pe_mips,
@@ -316,22 +439,12 @@ impl FleetToml {
             }
         }
         let mut vms = Vec::new();
-        for g in &self.vm {
+        for (g, &n) in self.vm.iter().zip(&vm_sizes) {
             if g.pes == 0 || !positive(g.mips) || g.ram_mb == 0 {
                 return Err("every [[vm]] needs pes, mips and ram_mb > 0".into());
             }
-            for _ in 0..g.count {
-                let workload = match g.workload.as_str() {
-                    "diurnal" => Workload::diurnal(&mut r, self.interval_s),
-                    "bursty" => Workload::bursty(&mut r, self.interval_s),
-                    "random_walk" => Workload::random_walk(&mut r, hours),
-                    "mixed" => Workload::synthetic(&mut r, self.interval_s, hours),
-                    other => {
-                        return Err(format!(
-                            "unknown workload {other:?} (diurnal, bursty, random_walk, mixed)"
-                        ))
-                    }
-                };
+            for _ in 0..n {
+                let workload = g.workload(&mut r, self.interval_s, hours)?;
                 vms.push(VmSpec {
                     pes: g.pes,
                     mips: g.mips,
@@ -358,12 +471,13 @@ impl FleetToml {
             hosts,
             vms,
             interval_s: self.interval_s,
-            duration_s: self.days * 86_400.0,
+            duration_s: days * 86_400.0,
             migration: self.migration.unwrap_or_else(MigrationModel::precopy),
             events: self.event,
             cloudsim_ram: false,
             cloudsim_engine: false,
-            spread_initial: false,
+            // Best fit is quadratic in fleet size; generated fleets start round-robin.
+            spread_initial: scale.is_some(),
             initial_placement: InitialPlacement::Full,
         })
     }

@@ -5,6 +5,7 @@
 #![forbid(unsafe_code)]
 
 pub mod cluster;
+pub mod commitment;
 pub mod engine;
 pub mod error;
 pub mod fleet;
@@ -13,6 +14,7 @@ pub mod migration;
 pub mod plot;
 pub mod policy;
 pub mod power;
+pub mod sweep;
 pub mod trace;
 pub mod workload;
 

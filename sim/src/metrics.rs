@@ -71,6 +71,9 @@ pub struct Report {
     /// Highest memory use of any host over its memory, over the whole run.
     pub peak_ram_ratio: f64,
     pub downtime: Downtime,
+    /// The fleet's demand against its capacity (set by the CLI, which computes it first).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub commitment: Option<crate::commitment::Commitment>,
     pub timeline: Vec<TimePoint>,
 }
 
@@ -124,6 +127,7 @@ impl Accum {
             restarts: self.restarts,
             peak_ram_ratio: self.peak_ram_ratio,
             downtime,
+            commitment: None,
             timeline,
         }
     }

@@ -3,7 +3,7 @@
 //! Trace workloads hold their samples; synthetic ones are computed from a few parameters and
 //! a seeded hash, so 200,000 VMs over a week cost a few bytes each instead of gigabytes.
 use rand::{Rng, SeedableRng};
-use rand_chacha::ChaCha8Rng;
+pub use rand_chacha::ChaCha8Rng;
 use std::sync::Arc;
 
 #[derive(Debug, Clone)]
@@ -32,6 +32,15 @@ pub enum Workload {
     },
     /// A bounded random walk with hourly steps (stored as percent), linear in between.
     RandomWalk { hourly: Arc<[u8]> },
+    /// Demand that grows (or shrinks) steadily: `start` plus `per_day` for every simulated
+    /// day, with hash noise on every sample (a service gaining users, a batch backlog).
+    Trend {
+        start: f32,
+        per_day: f32,
+        noise: f32,
+        seed: u64,
+        interval_s: f64,
+    },
 }
 
 impl Workload {
@@ -70,6 +79,17 @@ impl Workload {
                 }
             }
             Workload::RandomWalk { hourly } => interpolate(hourly, 3600.0, t, |v| v as f64 / 100.0),
+            Workload::Trend {
+                start,
+                per_day,
+                noise,
+                seed,
+                interval_s,
+            } => {
+                let k = (t / interval_s).floor() as u64;
+                let n = (unit_hash(*seed, k) - 0.5) * 2.0 * *noise as f64;
+                (*start as f64 + *per_day as f64 * t / 86_400.0 + n).clamp(0.0, 1.0)
+            }
         }
     }
 
@@ -105,6 +125,34 @@ impl Workload {
         Workload::RandomWalk {
             hourly: hourly.into(),
         }
+    }
+
+    pub fn trend(rng: &mut ChaCha8Rng, interval_s: f64) -> Workload {
+        Workload::Trend {
+            start: rng.gen_range(0.1..0.5),
+            per_day: rng.gen_range(-0.05..0.15),
+            noise: rng.gen_range(0.0..0.08),
+            seed: rng.gen(),
+            interval_s,
+        }
+    }
+
+    /// A workload of the named pattern: diurnal, bursty, random_walk, trend or mixed (one of
+    /// the first three, chosen by the generator).
+    pub fn by_pattern(
+        pattern: &str,
+        rng: &mut ChaCha8Rng,
+        interval_s: f64,
+        hours: usize,
+    ) -> Option<Workload> {
+        Some(match pattern {
+            "diurnal" => Workload::diurnal(rng, interval_s),
+            "bursty" => Workload::bursty(rng, interval_s),
+            "random_walk" => Workload::random_walk(rng, hours),
+            "trend" => Workload::trend(rng, interval_s),
+            "mixed" => Workload::synthetic(rng, interval_s, hours),
+            _ => return None,
+        })
     }
 
     /// One of the three synthetic shapes, chosen by the seeded generator.
@@ -165,12 +213,35 @@ mod tests {
     }
 
     #[test]
+    fn trend_moves_by_its_slope_per_day() {
+        let w = Workload::Trend {
+            start: 0.2,
+            per_day: 0.1,
+            noise: 0.0,
+            seed: 1,
+            interval_s: 300.0,
+        };
+        assert!((w.at(0.0) - 0.2).abs() < 1e-6);
+        assert!((w.at(3.0 * 86_400.0) - 0.5).abs() < 1e-6);
+        assert_eq!(w.at(100.0 * 86_400.0), 1.0);
+    }
+
+    #[test]
     fn synthetic_shapes_stay_in_range_and_repeat_under_a_seed() {
         let mut a = rng(7);
         let mut b = rng(7);
-        for _ in 0..30 {
-            let wa = Workload::synthetic(&mut a, 300.0, 48);
-            let wb = Workload::synthetic(&mut b, 300.0, 48);
+        for i in 0..40 {
+            let (wa, wb) = if i % 4 == 3 {
+                (
+                    Workload::trend(&mut a, 300.0),
+                    Workload::trend(&mut b, 300.0),
+                )
+            } else {
+                (
+                    Workload::synthetic(&mut a, 300.0, 48),
+                    Workload::synthetic(&mut b, 300.0, 48),
+                )
+            };
             for k in 0..500 {
                 let t = k as f64 * 137.0;
                 let (x, y) = (wa.at(t), wb.at(t));

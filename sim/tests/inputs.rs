@@ -82,3 +82,54 @@ fn bad_toml_names_the_file() {
         assert!(e.contains(&format!("bad{i}.toml")), "{e}");
     }
 }
+
+#[test]
+fn shape_file_is_scaled_to_the_totals_asked_for() {
+    // The example shipped in the repository, scaled to 40 hosts and 700 VMs.
+    let shape = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fleets/datacentre.toml");
+    let f = Fleet::from_shape(&shape, 7, 40, 700, 0.5).unwrap();
+    assert_eq!((f.hosts.len(), f.vms.len()), (40, 700));
+    assert_eq!(f.duration_s, 43_200.0);
+    // Shares 0.5 / 0.4 / 0.1 of 40 hosts, 0.45 / 0.35 / 0.15 / 0.05 of 700 VMs.
+    let count = |pes: u32| f.hosts.iter().filter(|h| h.pes == pes).count();
+    assert_eq!((count(16), count(32), count(64)), (20, 16, 4));
+    let vms = |pes: u32| f.vms.iter().filter(|v| v.pes == pes).count();
+    assert_eq!((vms(1), vms(2), vms(4), vms(8)), (315, 245, 105, 35));
+    // Shares that do not divide evenly still add up to the total.
+    let g = Fleet::from_shape(&shape, 7, 7, 13, 0.1).unwrap();
+    assert_eq!((g.hosts.len(), g.vms.len()), (7, 13));
+    // The same shape under another seed draws other loads.
+    let h = Fleet::from_shape(&shape, 8, 40, 700, 0.5).unwrap();
+    let demand = |f: &Fleet| f.vms.iter().map(|v| v.workload.at(3600.0)).sum::<f64>();
+    assert_ne!(demand(&f), demand(&h));
+    // And --config needs counts, not shares.
+    let e = Fleet::from_toml(&shape, 1).unwrap_err().to_string();
+    assert!(e.contains("needs a count"), "{e}");
+}
+
+#[test]
+fn bad_shapes_are_refused_with_the_file_named() {
+    let d = tempfile::tempdir().unwrap();
+    let good = GOOD
+        .replace("count = 3", "share = 1")
+        .replace("count = 6", "share = 2");
+    for (i, bad) in [
+        good.replace("share = 1", "share = -1"),
+        good.replace("share = 2", "share = 0"),
+        good.replace(
+            "workload = \"bursty\"",
+            "mix = { diurnal = 1, chaos = 0 }\nworkload = \"bursty\"",
+        ),
+        good.replace("workload = \"bursty\"", "mix = { diurnal = -1 }"),
+    ]
+    .iter()
+    .enumerate()
+    {
+        let p = d.path().join(format!("shape{i}.toml"));
+        std::fs::write(&p, bad).unwrap();
+        let e = Fleet::from_shape(&p, 1, 10, 100, 0.1)
+            .err()
+            .unwrap_or_else(|| panic!("shape {i} was accepted"));
+        assert!(e.to_string().contains(&format!("shape{i}.toml")), "{e}");
+    }
+}

@@ -219,8 +219,7 @@ pub fn wait_task(server: &str, id: TaskId) -> anyhow::Result<MigrationTask> {
     loop {
         let (state, _): (ClusterState, String) = get(server, "/v1/state")?;
         let task = state
-            .tasks
-            .get(&id)
+            .find_task(id)
             .cloned()
             .with_context(|| format!("no task {id}"))?;
         if task.state.is_final() {
@@ -291,8 +290,7 @@ pub fn run_task(a: TaskArgs) -> anyhow::Result<()> {
         TaskCommand::Show { id, server } => {
             let (state, _): (ClusterState, String) = get(&server.server, "/v1/state")?;
             let t = state
-                .tasks
-                .get(&id)
+                .find_task(id)
                 .with_context(|| format!("no task {id}"))?;
             println!("{}", serde_json::to_string_pretty(t)?);
             Ok(())
@@ -331,8 +329,7 @@ pub fn run_audit(a: AuditArgs) -> anyhow::Result<()> {
         .transpose()?;
     let (state, _): (ClusterState, String) = get(&a.server.server, "/v1/state")?;
     let tasks: Vec<&MigrationTask> = state
-        .tasks
-        .values()
+        .all_tasks()
         .filter(|t| a.vm.as_ref().is_none_or(|v| *v == t.vm))
         .filter(|t| since.is_none_or(|s| t.created_at_ms >= s))
         .collect();

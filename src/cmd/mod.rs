@@ -11,4 +11,5 @@ pub mod sim;
 pub mod token;
 pub mod vm;
 pub mod vm_migrate;
+pub mod vmm;
 pub mod vms;

@@ -1,13 +1,16 @@
 //! `tern sim`: run a fleet under a policy and report energy, SLA and migrations.
 use anyhow::{bail, Context};
-use clap::Args;
-use std::path::PathBuf;
+use clap::{Args, Subcommand};
+use std::path::{Path, PathBuf};
 use tern_sim::fleet::Fleet;
 use tern_sim::metrics::Report;
 use tern_sim::trace;
 
 #[derive(Args)]
+#[command(args_conflicts_with_subcommands = true)]
 pub struct SimArgs {
+    #[command(subcommand)]
+    sub: Option<SimSub>,
     /// Directory of PlanetLab-format traces (one file per VM, integer CPU % per line).
     #[arg(long, conflicts_with_all = ["synthetic", "config"])]
     trace: Option<PathBuf>,
@@ -20,7 +23,12 @@ pub struct SimArgs {
     /// Fleet described in a TOML file.
     #[arg(long, conflicts_with = "synthetic")]
     config: Option<PathBuf>,
-    /// none | drs | drs+dpm | lr-mmt
+    /// With --synthetic: the fleet's shape (host types, VM size mix, load patterns) from a
+    /// TOML file whose groups give shares; --hosts, --vms and --days set the totals.
+    #[arg(long, requires = "synthetic")]
+    shape: Option<PathBuf>,
+    /// none | drs | drs+dpm | npa | dvfs | DETECTOR-SELECTOR with DETECTOR thr, iqr, mad,
+    /// lr or lrr and SELECTOR mmt, mc or rs (Beloglazov & Buyya 2012; lr-mmt is the baseline)
     #[arg(long, default_value = "lr-mmt")]
     policy: String,
     #[arg(long, default_value_t = 800)]
@@ -56,27 +64,127 @@ pub struct SimArgs {
     quiet: bool,
 }
 
+#[derive(Subcommand)]
+enum SimSub {
+    /// Run policies x days (x seeds) on all cores: one table (CSV, markdown) and one chart
+    /// per metric.
+    Sweep(SweepArgs),
+}
+
+#[derive(Args)]
+struct SweepArgs {
+    /// A day of PlanetLab-format traces (repeat for several days). A file
+    /// `cloudsim_vm_order_<day>.tsv` next to the day's folder gives CloudSim's VM order.
+    #[arg(long = "trace", required = true)]
+    traces: Vec<PathBuf>,
+    /// Policies, comma separated (default: every policy).
+    #[arg(long, value_delimiter = ',')]
+    policies: Vec<String>,
+    /// Seeds 1..=N for each (day, policy).
+    #[arg(long, default_value_t = 1)]
+    seeds: u64,
+    #[arg(long, default_value_t = 800)]
+    hosts: usize,
+    /// CloudSim's memory and engine semantics (see `tern sim --help`).
+    #[arg(long)]
+    cloudsim_compat: bool,
+    /// Folder for sweep.csv, sweep.md and one SVG chart per metric.
+    #[arg(long)]
+    out: PathBuf,
+}
+
+fn sweep(args: SweepArgs) -> anyhow::Result<()> {
+    let mut fleets = Vec::new();
+    for dir in &args.traces {
+        let day = dir
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| dir.display().to_string());
+        let order = dir
+            .parent()
+            .unwrap_or(Path::new("."))
+            .join(format!("cloudsim_vm_order_{day}.tsv"));
+        let (traces, types) = if order.is_file() {
+            trace::read_trace_dir_ordered(dir, &order)?
+        } else {
+            let t = trace::read_trace_dir(dir)?;
+            let n = t.len();
+            (t, vec![None; n])
+        };
+        let mut fleet = Fleet::planetlab(traces, &types, args.hosts)?;
+        fleet.cloudsim_ram = args.cloudsim_compat;
+        fleet.cloudsim_engine = args.cloudsim_compat;
+        fleets.push((day, fleet));
+    }
+    let policies = if args.policies.is_empty() {
+        tern_sim::policy::names()
+    } else {
+        args.policies.clone()
+    };
+    if args.seeds == 0 {
+        bail!("--seeds must be at least 1");
+    }
+    let seeds: Vec<u64> = (1..=args.seeds).collect();
+    let started = std::time::Instant::now();
+    let cells = tern_sim::sweep::run(&fleets, &policies, &seeds)?;
+    let wall = started.elapsed().as_secs_f64();
+    std::fs::create_dir_all(&args.out)
+        .with_context(|| format!("creating {}", args.out.display()))?;
+    let write = |name: &str, text: &str| {
+        let p = args.out.join(name);
+        std::fs::write(&p, text).with_context(|| format!("writing {}", p.display()))
+    };
+    write("sweep.csv", &tern_sim::sweep::csv(&cells))?;
+    let md = tern_sim::sweep::markdown(&cells);
+    write("sweep.md", &md)?;
+    for (m, (name, _, _)) in tern_sim::sweep::METRICS.iter().enumerate() {
+        let svg = tern_sim::sweep::plot(&cells, m).map_err(anyhow::Error::msg)?;
+        write(&format!("{name}.svg"), &svg)?;
+    }
+    print!("{md}");
+    eprintln!(
+        "{} runs on {} threads in {wall:.1} s; tables and charts in {}",
+        cells.len(),
+        rayon_threads(),
+        args.out.display()
+    );
+    Ok(())
+}
+
+fn rayon_threads() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
 pub fn run(args: SimArgs) -> anyhow::Result<()> {
+    if let Some(SimSub::Sweep(s)) = args.sub {
+        return sweep(s);
+    }
     let mut fleet = build_fleet(&args)?;
     fleet.cloudsim_ram = args.cloudsim_compat;
     fleet.cloudsim_engine = args.cloudsim_compat;
     fleet.initial_placement = args.initial_placement.parse().map_err(anyhow::Error::msg)?;
-    let mut policy = tern_sim::policy::by_name(&args.policy).with_context(|| {
-        format!(
-            "unknown policy {:?} (none, drs, drs+dpm, lr-mmt)",
-            args.policy
-        )
-    })?;
+    let mut policy =
+        tern_sim::policy::by_name_seeded(&args.policy, args.seed).with_context(|| {
+            format!(
+                "unknown policy {:?} ({})",
+                args.policy,
+                tern_sim::policy::names().join(", ")
+            )
+        })?;
+    // Whether the fleet can be served at all is said before the policy runs.
+    let commitment = tern_sim::commitment::Commitment::of(&fleet);
+    eprintln!("{}", commitment.describe());
     let ticks = (fleet.duration_s / fleet.interval_s) as u64;
     let bar = if args.quiet || ticks < 500 {
         indicatif::ProgressBar::hidden()
     } else {
         indicatif::ProgressBar::new(ticks)
     };
-    let report = tern_sim::run(&fleet, policy.as_mut(), args.seed, &mut |done, total| {
+    let mut report = tern_sim::run(&fleet, policy.as_mut(), args.seed, &mut |done, total| {
         bar.set_length(total);
         bar.set_position(done);
     })?;
+    report.commitment = Some(commitment);
     bar.finish_and_clear();
     if let Some(p) = &args.plot {
         std::fs::write(p, tern_sim::plot::svg(&report))
@@ -104,6 +212,11 @@ fn build_fleet(args: &SimArgs) -> anyhow::Result<Fleet> {
     }
     if let Some(cfg) = &args.config {
         return Ok(Fleet::from_toml(cfg, args.seed)?);
+    }
+    if let Some(shape) = &args.shape {
+        return Ok(Fleet::from_shape(
+            shape, args.seed, args.hosts, args.vms, args.days,
+        )?);
     }
     if args.synthetic {
         return Ok(Fleet::synthetic(

@@ -8,8 +8,10 @@ use clap::{Args, Subcommand};
 use serde::Serialize;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
+use tern_hypervisor::devices::virtio::blk::create_image;
+use tern_hypervisor::devices::virtio::DiskConfig;
 use tern_hypervisor::workload::parse_size;
-use tern_hypervisor::{signals, GuestStatus, Vm, VmConfig, Workload};
+use tern_hypervisor::{signals, DiskStatus, GuestStatus, Vm, VmConfig, Workload};
 
 #[derive(Args)]
 pub struct VmArgs {
@@ -51,7 +53,42 @@ pub struct RunArgs {
     #[arg(long)]
     pub serial_log: Option<PathBuf>,
     #[command(flatten)]
+    pub disk: DiskOpts,
+    #[command(flatten)]
     pub migrate: Box<super::vm_migrate::MigrateOpts>,
+}
+
+/// The VM's disk: a raw image attached as virtio-blk (the workload's `disk=` uses it).
+#[derive(Args, Clone, Debug, Default)]
+pub struct DiskOpts {
+    /// Raw disk image to attach as virtio-blk (on the shared datastore).
+    #[arg(long)]
+    pub disk: Option<PathBuf>,
+    /// Create the image (sparse) with this size if it is missing or smaller (K/M/G suffix).
+    #[arg(long, requires = "disk")]
+    pub disk_size: Option<String>,
+    /// Attach the disk read-only.
+    #[arg(long, requires = "disk")]
+    pub disk_read_only: bool,
+}
+
+impl DiskOpts {
+    /// Creates the image if asked and attaches it to the fresh `vm`.
+    pub fn attach(&self, vm: &mut Vm) -> anyhow::Result<()> {
+        let Some(path) = &self.disk else {
+            return Ok(());
+        };
+        if let Some(size) = &self.disk_size {
+            let size = parse_size(size).context("--disk-size")?;
+            create_image(path, size).context("--disk-size")?;
+        }
+        vm.attach_disk(&DiskConfig {
+            path: path.clone(),
+            read_only: self.disk_read_only,
+        })
+        .with_context(|| format!("--disk {}", path.display()))?;
+        Ok(())
+    }
 }
 
 pub fn run(args: VmArgs) -> anyhow::Result<()> {
@@ -80,11 +117,17 @@ pub fn start_vm(args: &RunArgs) -> anyhow::Result<(Vm, Workload)> {
         Some(p) => std::fs::read(p).with_context(|| format!("cannot read {}", p.display()))?,
         None => tern_hypervisor::guest_image::IMAGE.to_vec(),
     };
+    if workload.disk.enabled() && args.disk.disk.is_none() {
+        bail!(
+            "--workload disk=... needs a disk: add --disk FILE (and --disk-size SIZE to create it)"
+        );
+    }
     let mut vm = Vm::new(VmConfig {
         memory,
         vcpus: args.vcpus,
         serial_log: args.serial_log.clone(),
     })?;
+    args.disk.attach(&mut vm)?;
     vm.boot(&image, &workload.cmdline())?;
     Ok((vm, workload))
 }
@@ -116,6 +159,8 @@ pub struct Summary {
     pub cpu_percent: f64,
     pub guest_error: Option<String>,
     pub vm_error: Option<String>,
+    /// The guest's disk workload counters, when it runs one.
+    pub disk: Option<DiskStatus>,
 }
 
 /// Samples a running VM and prints progress; reusable by other subcommands.
@@ -209,6 +254,10 @@ impl Monitor {
             max_stall_us: st.as_ref().and_then(|s| s.max_stall_us()),
             cpu_percent: Self::cpu(vm).as_secs_f64() / elapsed.max(1e-6) * 100.0
                 / vm.config().vcpus as f64,
+            disk: st
+                .as_ref()
+                .filter(|_| workload.disk.enabled())
+                .map(|s| s.disk.clone()),
             guest_error: st.and_then(|s| s.error),
             vm_error: vm.error(),
         }
@@ -235,6 +284,12 @@ impl Monitor {
                 s.cpu_percent,
                 s.boot_to_progress_ms.map_or("-".into(), |ms| format!("{ms:.0} ms")),
             );
+            if let Some(d) = &s.disk {
+                println!(
+                    "disk: {} blocks written, {} verified ({} from a previous boot), {} mismatches, {} I/O errors, flushed generation {}",
+                    d.written, d.verified, d.boot_verified, d.mismatches, d.io_errors, d.flushed_gen
+                );
+            }
         }
         Ok(())
     }
@@ -284,8 +339,26 @@ fn run_vm(args: &RunArgs) -> anyhow::Result<()> {
     if summary.mismatches > 0 {
         bail!("the guest found {} mismatching pages", summary.mismatches);
     }
+    check_disk(&summary)?;
     if summary.pages_written == 0 && workload.rate != 0 || summary.boot_to_progress_ms.is_none() {
         bail!("the guest made no progress");
+    }
+    Ok(())
+}
+
+/// Fails on disk blocks that did not verify or requests the device failed.
+pub fn check_disk(summary: &Summary) -> anyhow::Result<()> {
+    if let Some(d) = &summary.disk {
+        if d.mismatches > 0 {
+            bail!(
+                "the guest found {} mismatching disk blocks (first: {:?})",
+                d.mismatches,
+                d.first_mismatch
+            );
+        }
+        if d.io_errors > 0 {
+            bail!("the guest saw {} disk I/O errors", d.io_errors);
+        }
     }
     Ok(())
 }

@@ -77,6 +77,9 @@ pub struct ReceiveArgs {
     /// Print machine-readable JSON lines.
     #[arg(long)]
     pub json: bool,
+    /// The VM's disk, the same image the source has open (shared datastore).
+    #[command(flatten)]
+    pub disk: super::vm::DiskOpts,
 }
 
 /// Migrate `vm` as `opts` say, with a progress bar on stderr; `cancel` may be fired by a
@@ -274,6 +277,9 @@ struct WireConfig {
     vcpus: usize,
     workload: String,
     cpu_vendor: String,
+    /// Whether the VM has a disk (the destination must attach the same image).
+    #[serde(default)]
+    disk: bool,
 }
 
 /// `tern vm run ... --migrate-to ADDR`: run the guest, migrate it after `--migrate-after`,
@@ -296,6 +302,7 @@ pub fn run_migrating(
         vcpus: vm.config().vcpus,
         workload: workload.to_string(),
         cpu_vendor: vm.cpu_features().vendor,
+        disk: !vm.device_cmdline().is_empty(),
     };
     let vm = KvmMigratable::new(vm, serde_json::to_string(&wire)?);
     let cancel = CancelToken::new();
@@ -376,17 +383,29 @@ pub fn run_receive(args: &ReceiveArgs) -> anyhow::Result<()> {
         if wire.memory != h.spec.memory_bytes || wire.vcpus as u32 != h.spec.vcpus {
             return Err("VM config disagrees with the memory layout".into());
         }
+        if wire.disk != args.disk.disk.is_some() {
+            return Err(format!(
+                "the VM {} a disk, this destination {} (--disk)",
+                if wire.disk { "has" } else { "has no" },
+                if args.disk.disk.is_some() {
+                    "has one"
+                } else {
+                    "has none"
+                }
+            ));
+        }
         workload = Some(
             wire.workload
                 .parse::<Workload>()
                 .map_err(|e| e.to_string())?,
         );
-        let vm = Vm::new(VmConfig {
+        let mut vm = Vm::new(VmConfig {
             memory: wire.memory,
             vcpus: wire.vcpus,
             serial_log: None,
         })
         .map_err(|e| e.to_string())?;
+        args.disk.attach(&mut vm).map_err(|e| format!("{e:#}"))?;
         Ok(KvmMigratable::new(vm, h.spec.config.clone()))
     })?;
     let mut vm = vm.into_inner();
@@ -406,5 +425,5 @@ pub fn run_receive(args: &ReceiveArgs) -> anyhow::Result<()> {
             summary.mismatches
         );
     }
-    Ok(())
+    super::vm::check_disk(&summary)
 }

@@ -7,6 +7,7 @@ use std::time::Duration;
 use serde_json::{json, Value};
 
 use crate::support::proxy::ProxyNet;
+#[allow(unused_imports)] // not every test crate needs all of them
 pub use crate::support::{api, kvm_or_skip, wait_for};
 
 pub struct Node {

@@ -1,19 +1,85 @@
-//! LR-MMT, the published baseline (Beloglazov & Buyya 2012, as CloudSim implements it):
-//! local-regression overload detection, minimum-migration-time VM selection, power-aware
-//! best-fit placement, then consolidation of the least-loaded hosts.
+//! The dynamic consolidation family of Beloglazov & Buyya 2012 as CloudSim 4.0 implements it
+//! (LR-MMT is the published baseline): overload detection (THR, IQR, MAD, LR, LRR), VM
+//! selection (MMT, MC, RS), power-aware best-fit placement, then consolidation of the
+//! least-loaded hosts.
 use crate::cluster::Cluster;
+use crate::policy::detect::Detector;
 use crate::policy::plan::Plan;
+use crate::policy::select::{max_correlation, min_migration_time, Selector};
 use crate::policy::{Move, Policy};
+use rand::Rng;
+use rand_chacha::ChaCha8Rng;
 
-#[derive(Default)]
-pub struct LrMmt;
+/// One member of the family: an overload detector and a VM selector.
+pub struct Consolidation {
+    pub detector: Detector,
+    pub selector: Selector,
+    /// Random selection's generator (seeded, so runs repeat).
+    rng: ChaCha8Rng,
+}
+
+impl Consolidation {
+    pub fn new(detector: Detector, selector: Selector, seed: u64) -> Self {
+        Consolidation {
+            detector,
+            selector,
+            rng: crate::workload::rng(seed),
+        }
+    }
+
+    /// `lr-mmt`, `thr-mc`, `mad-rs`, ... with CloudSim's default parameters.
+    pub fn by_name(name: &str, seed: u64) -> Option<Self> {
+        let (d, s) = name.split_once('-')?;
+        Some(Self::new(
+            Detector::by_name(d)?,
+            Selector::by_name(s)?,
+            seed,
+        ))
+    }
+
+    fn plan<'c, 'f>(&self, c: &'c Cluster<'f>) -> Plan<'c, 'f> {
+        let mut plan = Plan::new(c);
+        plan.detector = self.detector;
+        plan
+    }
+
+    /// The VM to take off `h` next (among its VMs not migrating), or None.
+    fn pick(&mut self, plan: &Plan, h: usize) -> Option<usize> {
+        let c = plan.c;
+        let vms: Vec<usize> = plan.members[h]
+            .iter()
+            .copied()
+            .filter(|&v| c.vms[v].dest.is_none())
+            .collect();
+        if vms.is_empty() {
+            return None;
+        }
+        let mmt = || {
+            let ram: Vec<u64> = vms.iter().map(|&v| c.vm_spec(v).ram_mb).collect();
+            min_migration_time(&ram).map(|i| vms[i])
+        };
+        match self.selector {
+            Selector::Mmt => mmt(),
+            Selector::Rs => Some(vms[self.rng.gen_range(0..vms.len())]),
+            Selector::Mc => {
+                let hist: Vec<Vec<f64>> = vms
+                    .iter()
+                    .map(|&v| c.vms[v].history.iter().copied().collect())
+                    .collect();
+                let refs: Vec<&[f64]> = hist.iter().map(Vec::as_slice).collect();
+                // CloudSim falls back to MMT where its regression refuses the data.
+                max_correlation(&refs).map(|i| vms[i]).or_else(mmt)
+            }
+        }
+    }
+}
 
 /// History kept per VM (CloudSim's PowerVm keeps 30 samples).
 const HISTORY: usize = 30;
 
-impl Policy for LrMmt {
+impl Policy for Consolidation {
     fn name(&self) -> String {
-        "lr-mmt".into()
+        format!("{}-{}", self.detector.name(), self.selector.name())
     }
 
     fn history_len(&self) -> usize {
@@ -21,20 +87,20 @@ impl Policy for LrMmt {
     }
 
     fn initial_placement(&mut self, c: &Cluster) -> Vec<Option<usize>> {
-        pabfd_initial(c)
+        best_fit_initial(c, true, self.detector)
     }
 
     fn restart(&mut self, c: &Cluster, vms: &[usize]) -> Vec<Option<usize>> {
-        restart_pabfd(c, vms)
+        restart_pabfd(c, vms, self.detector)
     }
 
     fn evacuate(&mut self, c: &Cluster, h: usize) -> Vec<Move> {
-        evacuate_pabfd(c, h)
+        evacuate_pabfd(c, h, self.detector)
     }
 
     fn optimize(&mut self, c: &Cluster, _t: f64) -> Vec<Move> {
         let n = c.hosts.len();
-        let mut plan = Plan::new(c);
+        let mut plan = self.plan(c);
         // 1. Overloaded hosts.
         let over: Vec<usize> = (0..n)
             .filter(|&h| c.hosts[h].up && plan.overloaded(h, None))
@@ -43,19 +109,10 @@ impl Policy for LrMmt {
         for &h in &over {
             is_over[h] = true;
         }
-        // 2. Minimum migration time selection until each is no longer overloaded.
+        // 2. Select VMs until each is no longer overloaded.
         let mut to_move = Vec::new();
         for &h in &over {
-            loop {
-                let pick = plan.members[h]
-                    .iter()
-                    .copied()
-                    .filter(|&v| c.vms[v].dest.is_none())
-                    .fold(None, |best: Option<usize>, v| match best {
-                        Some(b) if c.vm_spec(b).ram_mb <= c.vm_spec(v).ram_mb => Some(b),
-                        _ => Some(v),
-                    });
-                let Some(v) = pick else { break };
+            while let Some(v) = self.pick(&plan, h) {
                 to_move.push(v);
                 plan.destroy(h, v);
                 if !plan.overloaded(h, None) {
@@ -78,13 +135,19 @@ impl Policy for LrMmt {
         let mut order: Vec<usize> = (0..n).collect();
         order.sort_by(|&a, &b| plan.util_field[a].total_cmp(&plan.util_field[b]));
         let mut excluded = skip_source.iter().filter(|&&x| x).count();
+        // A host passed over once stays unsuitable as a source this round (exclusions only
+        // grow; a host gains VMs only as a destination, which excludes it), so one cursor
+        // walks the order instead of searching it from the start each time.
+        let mut cursor = 0;
         while excluded < n {
-            let Some(u) = order.iter().copied().find(|&h| {
+            let Some(i) = order[cursor..].iter().position(|&h| {
                 let util = plan.util_field[h];
                 !skip_source[h] && util > 0.0 && util < 1.0 && has_settled_vm(&plan, h)
             }) else {
                 break;
             };
+            let u = order[cursor + i];
+            cursor += i + 1;
             skip_source[u] = true;
             skip_dest[u] = true;
             excluded += 1;
@@ -135,14 +198,6 @@ fn has_settled_vm(plan: &Plan, h: usize) -> bool {
     false
 }
 
-/// CloudSim's initial placement: VM by VM in list order, each asking for its full MIPS,
-/// power-aware best fit rating each host by the full MIPS of the VMs already placed on it
-/// (their allocation at creation). Since an empty host's power is its idle draw, the first
-/// VMs each get a host of their own.
-pub fn pabfd_initial(c: &Cluster) -> Vec<Option<usize>> {
-    best_fit_initial(c, true)
-}
-
 /// Tern's own starting placement for the `none`, `drs` and `drs+dpm` runs: VM by VM, each
 /// reserving its full MIPS, on the host whose power rises least from its measured (zero)
 /// load: this fills the most power-efficient hosts first, never beyond their MIPS.
@@ -151,14 +206,23 @@ pub fn packed_initial(c: &Cluster) -> Vec<Option<usize>> {
     if c.fleet.initial_placement == crate::fleet::InitialPlacement::Demand {
         return crate::policy::initial::demand_initial(c);
     }
-    best_fit_initial(c, false)
+    best_fit_initial(c, false, Detector::Lr(1.2))
 }
 
-fn best_fit_initial(c: &Cluster, rate_planned_load: bool) -> Vec<Option<usize>> {
+/// CloudSim's initial placement (`rate_planned_load`): VM by VM in list order, each asking
+/// for its full MIPS, power-aware best fit rating each host by the full MIPS of the VMs
+/// already placed on it (their allocation at creation). Since an empty host's power is its
+/// idle draw, the first VMs each get a host of their own.
+fn best_fit_initial(
+    c: &Cluster,
+    rate_planned_load: bool,
+    detector: Detector,
+) -> Vec<Option<usize>> {
     if c.fleet.spread_initial {
         return spread_initial(c);
     }
     let mut plan = Plan::new(c);
+    plan.detector = detector;
     plan.placed_ask_nothing = true;
     plan.rate_planned_load = rate_planned_load;
     let none = vec![false; c.hosts.len()];
@@ -173,10 +237,10 @@ fn best_fit_initial(c: &Cluster, rate_planned_load: bool) -> Vec<Option<usize>> 
         .collect()
 }
 
-/// Moves every VM off `h` with power-aware best fit.
 /// Place VMs of a failed host again, one after the other, power-aware best fit.
-pub fn restart_pabfd(c: &Cluster, vms: &[usize]) -> Vec<Option<usize>> {
+pub fn restart_pabfd(c: &Cluster, vms: &[usize], detector: Detector) -> Vec<Option<usize>> {
     let mut plan = Plan::new(c);
+    plan.detector = detector;
     let no_exclusions = vec![false; c.hosts.len()];
     vms.iter()
         .map(|&v| {
@@ -189,8 +253,10 @@ pub fn restart_pabfd(c: &Cluster, vms: &[usize]) -> Vec<Option<usize>> {
         .collect()
 }
 
-pub fn evacuate_pabfd(c: &Cluster, h: usize) -> Vec<Move> {
+/// Moves every VM off `h` with power-aware best fit.
+pub fn evacuate_pabfd(c: &Cluster, h: usize, detector: Detector) -> Vec<Move> {
     let mut plan = Plan::new(c);
+    plan.detector = detector;
     let mut excluded = vec![false; c.hosts.len()];
     excluded[h] = true;
     let mut vms: Vec<usize> = c.hosts[h]

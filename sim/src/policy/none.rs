@@ -1,5 +1,6 @@
 //! No management: the initial placement stays as it is.
 use crate::cluster::Cluster;
+use crate::policy::detect::Detector;
 use crate::policy::lrmmt::{packed_initial, restart_pabfd};
 use crate::policy::{Move, Policy};
 
@@ -13,10 +14,10 @@ impl Policy for NoMigration {
         packed_initial(c)
     }
     fn restart(&mut self, c: &Cluster, vms: &[usize]) -> Vec<Option<usize>> {
-        restart_pabfd(c, vms)
+        restart_pabfd(c, vms, Detector::Lr(1.2))
     }
     fn evacuate(&mut self, c: &Cluster, h: usize) -> Vec<Move> {
-        crate::policy::lrmmt::evacuate_pabfd(c, h)
+        crate::policy::lrmmt::evacuate_pabfd(c, h, Detector::Lr(1.2))
     }
     fn optimize(&mut self, _c: &Cluster, _t: f64) -> Vec<Move> {
         Vec::new()

@@ -1,6 +1,7 @@
 //! A what-if copy of host contents used while a policy plans (VMs tentatively added to and
 //! removed from hosts), with CloudSim's power-aware best-fit decreasing placement.
 use crate::cluster::Cluster;
+use crate::policy::detect::Detector;
 use crate::policy::Move;
 
 /// Longest demand history a policy can use.
@@ -19,9 +20,8 @@ pub struct Plan<'c, 'f> {
     /// (CloudSim 4.0); when false, by the load measured at the last update, so that every
     /// VM of one round goes to the same cheapest host until it is full (CloudSim 3.0).
     pub rate_planned_load: bool,
-    pub safety: f64,
-    pub static_threshold: f64,
-    pub window: usize,
+    /// Overload rule (LR 1.2 unless the policy sets another).
+    pub detector: Detector,
     cpu_cache: Vec<HostCpu>,
     power_now: Vec<f64>,
     /// Per host: its members' demand histories weighted by MIPS share, untrimmed.
@@ -47,9 +47,7 @@ impl<'c, 'f> Plan<'c, 'f> {
             util_field: (0..c.hosts.len()).map(|h| c.utilization(h)).collect(),
             placed_ask_nothing: false,
             rate_planned_load: true,
-            safety: 1.2,
-            static_threshold: 0.7,
-            window: 10,
+            detector: Detector::Lr(1.2),
             cpu_cache: Vec::new(),
             power_now: Vec::new(),
             hist_base: Vec::new(),
@@ -193,55 +191,40 @@ impl<'c, 'f> Plan<'c, 'f> {
         (out, len)
     }
 
-    /// Local-regression overload detection (LR, safety 1.2), static threshold while the
-    /// history is shorter than the window.
+    /// Whether `h` (with `extra` added, for a tentative placement) is overloaded by the
+    /// plan's detector, on the host's demand history and requested MIPS.
     pub fn overloaded(&self, h: usize, extra: Option<usize>) -> bool {
         let (hist, len) = self.history(h, extra);
         let spec = self.c.host_spec(h);
-        if len < self.window {
-            let asked: f64 = if self.placed_ask_nothing {
-                extra.map(|v| self.c.vms[v].req_mips).unwrap_or(0.0)
-            } else {
-                self.members[h]
-                    .iter()
-                    .copied()
-                    .chain(extra)
-                    .map(|v| self.c.vms[v].req_mips)
-                    .sum()
-            };
-            return asked / spec.total_mips() > self.static_threshold;
-        }
-        let n = self.window;
-        // Oldest first, x = 1..=n. CloudSim's "loess" weights end up unused (all non-zero), so
-        // this is ordinary least squares, as in the reference runs.
-        let (mut sx, mut sy, mut sxx, mut sxy) = (0.0, 0.0, 0.0, 0.0);
-        for j in 0..n {
-            let x = (j + 1) as f64;
-            let y = hist[n - 1 - j];
-            sx += x;
-            sy += y;
-            sxx += x * x;
-            sxy += x * y;
-        }
-        let nf = n as f64;
-        let slope = (sxy - sx * sy / nf) / (sxx - sx * sx / nf);
-        let intercept = (sy - slope * sx) / nf;
-        let max_ram = self.members[h]
-            .iter()
-            .copied()
-            .chain(extra)
-            .map(|v| self.c.vm_spec(v).ram_mb)
-            .max()
-            .unwrap_or(0) as f64;
-        let mig_s = self
-            .c
-            .fleet
-            .migration
-            .cost(max_ram, 0.0, spec.bw_mbps)
-            .total_s;
-        let intervals = (mig_s / self.c.fleet.interval_s).ceil();
-        let predicted = (intercept + slope * (nf + intervals)) * self.safety;
-        predicted >= 1.0
+        let asked: f64 = if self.placed_ask_nothing {
+            extra.map(|v| self.c.vms[v].req_mips).unwrap_or(0.0)
+        } else {
+            self.members[h]
+                .iter()
+                .copied()
+                .chain(extra)
+                .map(|v| self.c.vms[v].req_mips)
+                .sum()
+        };
+        // LR looks ahead by the migration time of the host's largest VM.
+        let intervals = || {
+            let max_ram = self.members[h]
+                .iter()
+                .copied()
+                .chain(extra)
+                .map(|v| self.c.vm_spec(v).ram_mb)
+                .max()
+                .unwrap_or(0) as f64;
+            let mig_s = self
+                .c
+                .fleet
+                .migration
+                .cost(max_ram, 0.0, spec.bw_mbps)
+                .total_s;
+            (mig_s / self.c.fleet.interval_s).ceil()
+        };
+        self.detector
+            .overloaded(&hist[..len], asked / spec.total_mips(), intervals)
     }
 
     /// Power-aware best fit: the allowed host whose power rises least by taking `v`.
