@@ -480,8 +480,36 @@ fn cluster_rules_and_pools_steer_drs_and_placement() {
         "1",
         "--pool",
         "gold",
+        "--disk",
+        "256M",
     ]);
     c.create_vm("b", 1, "wss=8M,rate=500");
+    // The disk: sized by the spec, sparse on the datastore, root-only, shown by `vm show`.
+    let disk = std::fs::metadata(c.datastore.join("vms/a/disk.img")).expect("disk.img");
+    assert_eq!(disk.len(), 256 << 20);
+    assert_eq!(
+        std::os::unix::fs::PermissionsExt::mode(&disk.permissions()) & 0o777,
+        0o600
+    );
+    let shown = c.tern_ok(&["vm", "show", "a"]);
+    assert!(shown.contains("disk:    256 MiB"), "{shown}");
+    let (ok, _, err) = c.tern_at(
+        &c.live(),
+        &["vm", "create", "odd", "--host", "1", "--disk", "1536K"],
+    );
+    assert!(!ok && err.contains("whole number of MiB"), "{err}");
+    // A pool reservation host 1 cannot honour: refused with the reason, nothing created.
+    c.tern_ok(&["pool", "set", "huge", "--cpu-reservation", "999999"]);
+    let (ok, _, err) = c.tern_at(
+        &c.live(),
+        &["vm", "create", "big", "--host", "1", "--pool", "huge"],
+    );
+    assert!(
+        !ok && err.contains("cannot honour the pool reservations"),
+        "{err}"
+    );
+    assert!(!c.datastore.join("vms/big").exists());
+    c.tern_ok(&["pool", "delete", "huge"]);
     let pools = c.tern_ok(&["pool", "list"]);
     assert!(pools.contains("gold") && pools.contains('a'), "{pools}");
     // A rule naming a VM that does not exist changes nothing.

@@ -1,14 +1,63 @@
 //! The shared datastore: one directory per VM with its config and virtual disk, the same path
 //! on every node (like shared storage). The node running a VM holds an exclusive lock on it.
-use std::fs::{File, OpenOptions};
+//!
+//! Only root touches a VM's files: directories are 0700 and files 0600, created that way and
+//! fixed when the datastore is opened, so that no other local user can read a disk, take its
+//! lock or block it.
+use std::fs::{DirBuilder, File, OpenOptions};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use fs2::FileExt;
 use serde::{Deserialize, Serialize};
 
-/// Size of each VM's (sparse) virtual disk file.
-const DISK_BYTES: u64 = 64 << 20;
+/// Disk size of a VM whose config predates `disk_mib` (what every disk was then).
+const LEGACY_DISK_MIB: u64 = 64;
+/// Disk size of a new VM unless its spec says otherwise (`tern vm create --disk`).
+pub const DEFAULT_DISK_MIB: u64 = 1024;
+/// Largest disk a VM may have: 16 TiB.
+pub const MAX_DISK_MIB: u64 = 16 << 20;
+/// Mode of the datastore's directories and files: root only.
+const DIR_MODE: u32 = 0o700;
+const FILE_MODE: u32 = 0o600;
+
+fn make_dir(path: &Path) -> anyhow::Result<()> {
+    DirBuilder::new()
+        .recursive(true)
+        .mode(DIR_MODE)
+        .create(path)
+        .with_context(|| format!("creating {}", path.display()))?;
+    set_mode(path, DIR_MODE)
+}
+
+fn set_mode(path: &Path, mode: u32) -> anyhow::Result<()> {
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+        .with_context(|| format!("restricting {}", path.display()))
+}
+
+/// Open options for a datastore file, created root-only.
+fn file_options() -> OpenOptions {
+    let mut o = OpenOptions::new();
+    o.mode(FILE_MODE);
+    o
+}
+
+/// Make `dir` and everything under it root-only (a datastore written by an older version, or
+/// touched by hand).
+fn restrict_tree(dir: &Path) -> anyhow::Result<()> {
+    set_mode(dir, DIR_MODE)?;
+    for entry in std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
+        let entry = entry?;
+        let kind = entry.file_type()?;
+        if kind.is_dir() {
+            restrict_tree(&entry.path())?;
+        } else if kind.is_file() {
+            set_mode(&entry.path(), FILE_MODE)?;
+        }
+    }
+    Ok(())
+}
 
 /// What a node needs to boot a VM; written once at creation.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -17,6 +66,13 @@ pub struct VmConfig {
     pub memory_mib: u64,
     pub vcpus: u32,
     pub workload: String,
+    /// Size of `disk.img` (raw, sparse), MiB.
+    #[serde(default = "legacy_disk_mib")]
+    pub disk_mib: u64,
+}
+
+fn legacy_disk_mib() -> u64 {
+    LEGACY_DISK_MIB
 }
 
 /// `Datastore::create` found the VM's directory already there.
@@ -60,8 +116,9 @@ fn valid_name(name: &str) -> bool {
 
 impl Datastore {
     pub fn open(root: &Path) -> anyhow::Result<Datastore> {
-        std::fs::create_dir_all(root.join("vms"))
-            .with_context(|| format!("creating datastore {}", root.display()))?;
+        make_dir(root).with_context(|| format!("creating datastore {}", root.display()))?;
+        make_dir(&root.join("vms"))?;
+        restrict_tree(root)?;
         Ok(Datastore {
             root: root.to_path_buf(),
         })
@@ -80,9 +137,14 @@ impl Datastore {
     /// an interrupted one) this fails with `DirExists` and touches nothing, so a create that
     /// loses a race never removes the winner's files.
     pub fn create(&self, cfg: &VmConfig) -> anyhow::Result<()> {
+        anyhow::ensure!(
+            (1..=MAX_DISK_MIB).contains(&cfg.disk_mib),
+            "disk size {} MiB is out of range (1 MiB to 16 TiB)",
+            cfg.disk_mib
+        );
         let dir = self.dir(&cfg.name)?;
-        match std::fs::create_dir(&dir) {
-            Ok(()) => {}
+        match DirBuilder::new().mode(DIR_MODE).create(&dir) {
+            Ok(()) => set_mode(&dir, DIR_MODE)?,
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
                 return Err(DirExists { dir }.into());
             }
@@ -98,14 +160,20 @@ impl Datastore {
 
     fn write_new(&self, dir: &Path, cfg: &VmConfig) -> anyhow::Result<()> {
         let tmp = dir.join("config.json.tmp");
-        std::fs::write(&tmp, serde_json::to_vec_pretty(cfg)?)?;
+        let mut f = file_options()
+            .create(true)
+            .truncate(true)
+            .write(true)
+            .open(&tmp)
+            .with_context(|| format!("creating {}", tmp.display()))?;
+        std::io::Write::write_all(&mut f, &serde_json::to_vec_pretty(cfg)?)?;
         std::fs::rename(&tmp, dir.join("config.json"))?;
-        let disk = OpenOptions::new()
+        let disk = file_options()
             .create(true)
             .truncate(false)
             .write(true)
             .open(dir.join("disk.img"))?;
-        disk.set_len(DISK_BYTES)?;
+        disk.set_len(cfg.disk_mib << 20)?;
         Ok(())
     }
 
@@ -118,7 +186,7 @@ impl Datastore {
     /// Take the VM's exclusive lock, failing at once if another process holds it.
     pub fn lock(&self, name: &str) -> anyhow::Result<VmLock> {
         let path = self.dir(name)?.join("lock");
-        let file = OpenOptions::new()
+        let file = file_options()
             .create(true)
             .truncate(false)
             .write(true)
@@ -163,13 +231,109 @@ mod tests {
             memory_mib: 64,
             vcpus: 1,
             workload: "wss=8M".into(),
+            disk_mib: 1024,
         };
         ds.create(&cfg).unwrap();
+        // Sparse: the full size, almost no blocks.
+        let disk = std::fs::metadata(dir.path().join("vms/a/disk.img")).unwrap();
+        assert_eq!(disk.len(), 1 << 30);
+        assert!(std::os::unix::fs::MetadataExt::blocks(&disk) < 64);
+        // Sizes out of range are refused and create nothing.
+        for bad in [0, MAX_DISK_MIB + 1] {
+            let cfg = VmConfig {
+                name: "b".into(),
+                disk_mib: bad,
+                ..cfg.clone()
+            };
+            let e = ds.create(&cfg).unwrap_err();
+            assert!(e.to_string().contains("out of range"), "{e}");
+            assert!(!dir.path().join("vms/b").exists());
+        }
+        // A config written before disk sizes existed reads as the old 64 MiB.
+        let old: VmConfig =
+            serde_json::from_str(r#"{"name":"o","memory_mib":64,"vcpus":1,"workload":"wss=8M"}"#)
+                .unwrap();
+        assert_eq!(old.disk_mib, 64);
         assert_eq!(ds.config("a").unwrap(), cfg);
         let l = ds.lock("a").unwrap();
         assert!(ds.lock("a").is_err());
         drop(l);
         assert!(ds.lock("a").is_ok());
+    }
+
+    /// `cmd` run as the unprivileged user nobody: (succeeded, stderr).
+    fn as_nobody(cmd: &mut std::process::Command) -> (bool, String) {
+        use std::os::unix::process::CommandExt;
+        let out = cmd.uid(65534).gid(65534).output().expect("spawn as nobody");
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+
+    #[test]
+    fn a_local_user_can_neither_read_nor_lock_nor_take_vm_files() {
+        let top = tempfile::tempdir().unwrap();
+        // Let anyone reach the datastore, so only its own modes protect it.
+        std::fs::set_permissions(top.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        let root = top.path().join("ds");
+        // A VM written loosely (as by an older version): the open fixes it.
+        let loose = root.join("vms").join("old");
+        std::fs::create_dir_all(&loose).unwrap();
+        std::fs::write(loose.join("disk.img"), b"x").unwrap();
+        for p in [&root, &root.join("vms"), &loose] {
+            std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o755)).unwrap();
+        }
+        std::fs::set_permissions(
+            loose.join("disk.img"),
+            std::fs::Permissions::from_mode(0o666),
+        )
+        .unwrap();
+        let ds = Datastore::open(&root).unwrap();
+        ds.create(&VmConfig {
+            name: "a".into(),
+            memory_mib: 64,
+            vcpus: 1,
+            workload: "wss=8M".into(),
+            disk_mib: 16,
+        })
+        .unwrap();
+        let _held = ds.lock("a").unwrap();
+        let vm = root.join("vms").join("a");
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        for d in [&root, &root.join("vms"), &vm, &loose] {
+            assert_eq!(mode(d), 0o700, "{}", d.display());
+        }
+        for f in ["config.json", "disk.img", "lock"] {
+            assert_eq!(mode(&vm.join(f)), 0o600, "{f}");
+        }
+        assert_eq!(mode(&loose.join("disk.img")), 0o600);
+        for file in [vm.join("lock"), vm.join("disk.img"), loose.join("disk.img")] {
+            // flock(1) opens the file and takes a shared lock: what blocked a switchover.
+            let (ok, err) = as_nobody(
+                std::process::Command::new("flock")
+                    .args(["--nonblock", "--shared"])
+                    .arg(&file)
+                    .arg("true"),
+            );
+            assert!(
+                !ok && err.contains("Permission denied"),
+                "flock {file:?}: {err}"
+            );
+            let (ok, err) = as_nobody(std::process::Command::new("cat").arg(&file));
+            assert!(
+                !ok && err.contains("Permission denied"),
+                "read {file:?}: {err}"
+            );
+        }
+        // Nor replace or add files in the VM's directory.
+        let (ok, err) = as_nobody(
+            std::process::Command::new("mv")
+                .arg(vm.join("disk.img"))
+                .arg(top.path().join("stolen.img")),
+        );
+        assert!(!ok && err.contains("Permission denied"), "mv: {err}");
+        assert!(vm.join("disk.img").exists());
     }
 
     #[test]
@@ -181,6 +345,7 @@ mod tests {
             memory_mib: 64,
             vcpus: 1,
             workload: "wss=8M".into(),
+            disk_mib: 16,
         };
         ds.create(&first).unwrap();
         let second = VmConfig {

@@ -14,6 +14,8 @@ use tern_consensus::{ClusterState, ConsensusNode};
 use tern_hypervisor::migration::{feature_words, CancelToken, KvmMigratable};
 use tern_hypervisor::{Vm, Workload};
 
+use super::admission;
+use super::cgroup::{self, Cgroups, PoolLimits, VmCgroup};
 use super::cluster::Cluster;
 use super::datastore::{Datastore, VmConfig, VmLock};
 use super::leader_state::LeaderState;
@@ -27,6 +29,8 @@ pub struct LocalVm {
     pub lock: Option<VmLock>,
     /// An outbound migration is running; the reconciler leaves it alone.
     pub migrating: bool,
+    /// The pool cgroup its vCPU threads run in (declared after `vm`: dropped once they end).
+    pub cgroup: Option<VmCgroup>,
 }
 
 /// What migration sends as the handshake's config string.
@@ -63,6 +67,8 @@ pub struct HostCtx {
     pub leader: LeaderState,
     /// Bandwidth cap per outbound migration in bytes/s (0 = none).
     pub migrate_bandwidth: std::sync::atomic::AtomicU64,
+    /// This node's pool cgroups (unset where cgroups cannot be used).
+    pub cgroups: std::sync::OnceLock<Cgroups>,
 }
 
 fn guard<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -91,6 +97,7 @@ impl HostCtx {
             cpu: std::sync::OnceLock::new(),
             leader: Default::default(),
             migrate_bandwidth: Default::default(),
+            cgroups: std::sync::OnceLock::new(),
         })
     }
 
@@ -148,14 +155,31 @@ impl HostCtx {
     fn boot(&self, name: &str, epoch: u64) -> anyhow::Result<()> {
         let ds = self.datastore()?;
         let cfg = ds.config(name)?;
+        let state = self.state();
+        let pool = state.vms.get(name).and_then(|v| v.pool.as_deref());
+        if let Err(why) = admission::check(&state, self.id, name, pool) {
+            metrics::counter!("tern_vm_admission_refused_total").increment(1);
+            anyhow::bail!("not started: {why}");
+        }
         let lock = ds.lock_within(name, Duration::from_secs(5))?;
         let workload: Workload = cfg.workload.parse().context("workload")?;
         let vendor = self.cpu().map(|c| c.1).unwrap_or_default();
-        let mut vm = Vm::new(tern_hypervisor::VmConfig {
-            memory: cfg.memory_mib << 20,
-            vcpus: cfg.vcpus as usize,
-            serial_log: None,
-        })?;
+        let (vm, vcpus) = cgroup::with_new_vcpu_threads(|| {
+            Vm::new(tern_hypervisor::VmConfig {
+                memory: cfg.memory_mib << 20,
+                vcpus: cfg.vcpus as usize,
+                serial_log: None,
+            })
+        });
+        let mut vm = vm?;
+        // VMs in no pool stay as they were: nothing to enforce, and no change to how they
+        // compete with the node's own threads.
+        let cgroups = self.cgroups.get().filter(|_| pool.is_some());
+        let cgroup = cgroups.and_then(|cg| {
+            cg.place_threads(name, &vcpus, &PoolLimits::of_vm(&state, name))
+                .inspect_err(|e| tracing::warn!(vm = name, "pool limits not applied: {e}"))
+                .ok()
+        });
         vm.boot(tern_hypervisor::guest_image::IMAGE, &workload.cmdline())?;
         let wire = serde_json::to_string(&WireConfig {
             vm: cfg.clone(),
@@ -169,6 +193,7 @@ impl HostCtx {
                 epoch,
                 lock: Some(lock),
                 migrating: false,
+                cgroup,
             },
         );
         tracing::info!(vm = name, "booted");

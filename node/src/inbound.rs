@@ -167,6 +167,7 @@ fn receive_task(
             epoch,
             lock,
             migrating: false,
+            cgroup: None,
         },
     );
     tracing::info!(task = task.id, vm = %task.vm, "migration received, running here");

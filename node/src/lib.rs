@@ -7,8 +7,10 @@
 //! client everything uses to commit and read through the leader. No two modules import each
 //! other (checked by `layout_tests`).
 pub mod access;
+pub mod admission;
 pub mod api;
 pub mod auth;
+pub mod cgroup;
 pub mod client;
 pub mod cluster;
 pub mod controller;
@@ -98,6 +100,9 @@ pub async fn serve(cfg: NodeConfig) -> anyhow::Result<()> {
     };
     let ip = listener.local_addr()?.ip().to_string();
     let ctx = host::HostCtx::new(cfg.id, cluster.clone(), node.clone(), datastore, ip);
+    if cfg.datastore.is_some() {
+        enforce_pools(&ctx, &cfg);
+    }
     ctx.migrate_bandwidth.store(
         cfg.migrate_bandwidth_mib.saturating_mul(1 << 20),
         std::sync::atomic::Ordering::Relaxed,
@@ -151,6 +156,19 @@ pub async fn serve(cfg: NodeConfig) -> anyhow::Result<()> {
     }
     node.raft.shutdown().await.ok();
     Ok(())
+}
+
+/// Put this host's VMs in cgroups of their pools (see `cgroup`); without cgroups the node
+/// still runs VMs, with a warning.
+fn enforce_pools(ctx: &host::HostCtx, cfg: &NodeConfig) {
+    cgroup::sweep_empty();
+    let name = cgroup::node_name(cfg.id, &cfg.data);
+    match cgroup::Cgroups::open(&name, cgroup::NodeWeight::PerVcpu) {
+        Ok(cg) => {
+            let _ = ctx.cgroups.set(cg);
+        }
+        Err(e) => tracing::warn!("resource pools are not enforced on this host: {e}"),
+    }
 }
 
 /// Record this host (address, capacity, CPU features) in the cluster state, until committed.

@@ -5,7 +5,8 @@ use tern_consensus::state::{AutomationLevel, Command, VmSpec, VmState};
 use tern_consensus::{Applied, ClusterState};
 use tern_hypervisor::{GuestStatus, Workload};
 
-use super::datastore::{DirExists, VmConfig};
+use super::admission;
+use super::datastore::{DirExists, VmConfig, DEFAULT_DISK_MIB, MAX_DISK_MIB};
 use super::error::ServiceError;
 use super::host::HostCtx;
 use super::sched_view;
@@ -23,6 +24,9 @@ pub struct CreateVmBody {
     pub host: Option<u64>,
     #[serde(default)]
     pub actor: Option<String>,
+    /// Size of the VM's disk on the datastore, MiB (default 1 GiB).
+    #[serde(default)]
+    pub disk_mib: Option<u64>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -67,6 +71,12 @@ pub async fn create(ctx: &HostCtx, body: CreateVmBody) -> Result<CreateVmReply, 
             "vcpus must be 1..=64 and memory 32..=3072 MiB",
         ));
     }
+    let disk_mib = body.disk_mib.unwrap_or(DEFAULT_DISK_MIB);
+    if !(1..=MAX_DISK_MIB).contains(&disk_mib) {
+        return Err(ServiceError::bad(format!(
+            "disk size {disk_mib} MiB is out of range (1 MiB to 16 TiB)"
+        )));
+    }
     if workload.min_memory() > body.memory_mib << 20 {
         return Err(ServiceError::bad(format!(
             "workload needs at least {} MiB of memory",
@@ -86,10 +96,13 @@ pub async fn create(ctx: &HostCtx, body: CreateVmBody) -> Result<CreateVmReply, 
         memory_mib: body.memory_mib,
         vcpus: body.vcpus,
         workload: workload.to_string(),
+        disk_mib,
     };
     if state.vms.contains_key(&body.name) {
         return Err(ServiceError::conflict(format!("vm {:?} exists", body.name)));
     }
+    admission::check(&state, host, &body.name, body.pool.as_deref())
+        .map_err(ServiceError::conflict)?;
     ds.create(&cfg).map_err(|e| {
         if e.is::<DirExists>() {
             ServiceError::conflict(format!("vm {:?}: {e}", body.name))
@@ -201,6 +214,18 @@ fn manual_placement_refusal(vm: &str, ranking: &tern_scheduler::Ranking) -> Stri
         ));
     }
     msg
+}
+
+/// A VM's config as recorded on the datastore (memory, vCPUs, workload, disk size).
+pub fn config(ctx: &HostCtx, name: &str) -> Result<VmConfig, ServiceError> {
+    let ds = ctx
+        .datastore()
+        .map_err(|e| ServiceError::unavailable(e.to_string()))?;
+    if !ctx.state().vms.contains_key(name) {
+        return Err(ServiceError::not_found(format!("no vm {name:?}")));
+    }
+    ds.config(name)
+        .map_err(|e| ServiceError::not_found(format!("{e:#}")))
 }
 
 /// Commit a VM's wanted power state (its owner reacts).

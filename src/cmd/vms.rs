@@ -58,6 +58,9 @@ pub struct CreateArgs {
     workload: String,
     #[arg(long)]
     pool: Option<String>,
+    /// Size of the VM's disk (a sparse raw disk.img on the datastore; K/M/G suffix, whole MiB).
+    #[arg(long, default_value = "1G")]
+    disk: String,
     /// Host id to run on (default: the scheduler places it).
     #[arg(long)]
     host: Option<u64>,
@@ -71,9 +74,11 @@ pub fn run(cmd: ClusterVmCommand) -> anyhow::Result<()> {
     match cmd {
         ClusterVmCommand::Create(a) => {
             let memory = parse_size(&a.memory).context("--memory")?;
+            let disk_mib = disk_mib(&a.disk).context("--disk")?;
             let body = serde_json::json!({
                 "name": a.name, "memory_mib": memory >> 20, "vcpus": a.vcpus,
                 "workload": a.workload, "pool": a.pool, "host": a.host, "actor": a.user,
+                "disk_mib": disk_mib,
             });
             let reply: serde_json::Value = post(&a.server.server, "/v1/vms", &body)?;
             println!(
@@ -126,6 +131,16 @@ pub fn run(cmd: ClusterVmCommand) -> anyhow::Result<()> {
     }
 }
 
+/// A disk size as whole MiB, at least 1 MiB.
+fn disk_mib(s: &str) -> anyhow::Result<u64> {
+    let bytes = parse_size(s)?;
+    anyhow::ensure!(
+        bytes >= 1 << 20 && bytes % (1 << 20) == 0,
+        "{s:?}: a disk is a whole number of MiB, at least 1M (e.g. 512M, 1G)"
+    );
+    Ok(bytes >> 20)
+}
+
 fn show(server: &str, name: &str, json: bool) -> anyhow::Result<()> {
     let (state, _): (ClusterState, String) = get(server, "/v1/state")?;
     let vm = state
@@ -136,8 +151,12 @@ fn show(server: &str, name: &str, json: bool) -> anyhow::Result<()> {
     let guest: Option<serde_json::Value> = owner_addr
         .and_then(|addr| get::<serde_json::Value>(&addr, &format!("/v1/vms/{name}/guest")).ok())
         .map(|(v, _)| v);
+    let config: Option<serde_json::Value> =
+        get::<serde_json::Value>(server, &format!("/v1/vms/{name}/config"))
+            .ok()
+            .map(|(v, _)| v);
     if json {
-        let out = serde_json::json!({ "vm": vm, "guest": guest });
+        let out = serde_json::json!({ "vm": vm, "guest": guest, "config": config });
         println!("{}", serde_json::to_string_pretty(&out)?);
         return Ok(());
     }
@@ -146,6 +165,14 @@ fn show(server: &str, name: &str, json: bool) -> anyhow::Result<()> {
     println!("state:   {:?}", vm.state);
     println!("vcpus:   {}", vm.spec.vcpus);
     println!("memory:  {} MiB", vm.spec.memory_mib);
+    match config
+        .as_ref()
+        .and_then(|c| c.get("disk_mib"))
+        .and_then(|d| d.as_u64())
+    {
+        Some(mib) => println!("disk:    {mib} MiB (disk.img on the datastore)"),
+        None => println!("disk:    unknown (no datastore on this node)"),
+    }
     if let Some(pool) = &vm.pool {
         println!("pool:    {pool}");
     }
@@ -161,4 +188,19 @@ fn show(server: &str, name: &str, json: bool) -> anyhow::Result<()> {
         None => println!("guest:   not running"),
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::disk_mib;
+
+    #[test]
+    fn disk_sizes_are_whole_mib() {
+        assert_eq!(disk_mib("1G").unwrap(), 1024);
+        assert_eq!(disk_mib("512M").unwrap(), 512);
+        assert_eq!(disk_mib("1048576").unwrap(), 1);
+        for bad in ["0", "100K", "1536K1", "1.5G", "-1G", "", "1T", "1025K"] {
+            assert!(disk_mib(bad).is_err(), "{bad:?}");
+        }
+    }
 }

@@ -35,6 +35,16 @@ impl Drop for Node {
     }
 }
 
+impl Drop for Cluster {
+    /// Kill the nodes, then remove the pool cgroups their VMs left behind.
+    fn drop(&mut self) {
+        for n in &mut self.nodes {
+            n.kill();
+        }
+        tern_node::cgroup::sweep_empty();
+    }
+}
+
 pub struct Cluster {
     pub nodes: Vec<Node>,
     pub datastore: std::path::PathBuf,

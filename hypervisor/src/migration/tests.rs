@@ -643,3 +643,61 @@ fn compressed_pages_without_negotiation_fail_the_migration() {
     let err = dest.join().unwrap().unwrap_err().to_string();
     assert!(err.contains("did not negotiate"), "{err}");
 }
+
+/// A destination of protocol version 1: refuses any other Hello version the way version-1
+/// builds do, and passes version-1 connections through to a real destination.
+fn old_destination() -> (SocketAddr, std::thread::JoinHandle<Received>) {
+    let (real, dest) = destination(dest_cfg());
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut c) = conn else { return };
+            let Ok(Some(f)) = super::frame::read_frame(&mut c) else {
+                continue;
+            };
+            if let Ok(Message::Hello(h)) = Message::decode(f.kind, &f.payload) {
+                if h.version != 1 {
+                    let reason = format!(
+                        "protocol version {} not supported (this destination speaks 1)",
+                        h.version
+                    );
+                    let _ = send(&mut c, &Message::Refuse { reason });
+                    continue;
+                }
+            }
+            let Ok(mut up) = TcpStream::connect(real) else {
+                return;
+            };
+            let _ = super::frame::write_frame(&mut up, f.kind, &f.payload);
+            let (mut c2, mut up2) = (c.try_clone().unwrap(), up.try_clone().unwrap());
+            std::thread::spawn(move || std::io::copy(&mut up2, &mut c2));
+            std::thread::spawn(move || std::io::copy(&mut c, &mut up));
+        }
+    });
+    (addr, dest)
+}
+
+#[test]
+fn auto_compression_falls_back_to_version_1_for_an_old_destination() {
+    let vm = InMemoryTestVm::new(1024);
+    for p in 0..512 {
+        vm.guest_write(p, p + 1);
+    }
+    let (addr, dest) = old_destination();
+    let stats = go(&vm, addr, &src_cfg()).unwrap();
+    let (dvm, _) = dest.join().unwrap().unwrap();
+    assert_eq!(
+        source::hash_memory(&vm).unwrap(),
+        source::hash_memory(&dvm).unwrap()
+    );
+    assert_eq!(stats.compressed_pages, 0);
+    // `on` insists on compression: refused with the destination's reason.
+    let (addr, _dest) = old_destination();
+    let cfg = MigrationConfig {
+        compression: Compression::On,
+        ..src_cfg()
+    };
+    let err = go(&vm, addr, &cfg).unwrap_err().to_string();
+    assert!(err.contains("protocol version 2 not supported"), "{err}");
+}

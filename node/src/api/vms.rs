@@ -12,6 +12,7 @@ use tern_consensus::Applied;
 
 use super::{is_forwarded, Ctx};
 use crate::auth::Principal;
+use crate::datastore::VmConfig;
 use crate::drs;
 use crate::error::ServiceError;
 use crate::host::{HostCtx, TaskProgress};
@@ -29,6 +30,7 @@ pub(super) fn router(ctx: Arc<HostCtx>) -> Router {
         .route("/v1/vms/{name}/stop", post(stop_vm))
         .route("/v1/vms/{name}/destroy", post(destroy_vm))
         .route("/v1/vms/{name}/guest", get(guest_status))
+        .route("/v1/vms/{name}/config", get(vm_config))
         .route("/v1/vms/{name}/recommend", get(recommend))
         .route("/v1/local", get(local_vms))
         .route("/v1/migrations", post(create_migration))
@@ -87,6 +89,13 @@ async fn guest_status(
     Path(name): Path<String>,
 ) -> Result<Json<GuestReply>, ServiceError> {
     Ok(Json(vms::guest_status(&ctx, &name)?))
+}
+
+async fn vm_config(
+    State(ctx): Ctx,
+    Path(name): Path<String>,
+) -> Result<Json<VmConfig>, ServiceError> {
+    Ok(Json(vms::config(&ctx, &name)?))
 }
 
 async fn recommend(
