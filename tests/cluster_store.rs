@@ -2,6 +2,8 @@
 mod cluster_e2e_harness;
 mod support;
 
+use std::time::{Duration, Instant};
+
 use cluster_e2e_harness::*;
 use serde_json::json;
 
@@ -64,4 +66,57 @@ fn cluster_racing_creates_of_one_name_leave_one_vm_with_its_files() {
         );
         assert_eq!(status, 200, "{body}");
     }
+}
+
+fn host_state(c: &Cluster, id: u64) -> Option<String> {
+    let s = get(&c.live(), "/v1/state")?;
+    s["hosts"][id.to_string()]["state"]
+        .as_str()
+        .map(str::to_string)
+}
+
+/// kill -9 of a node: the leader marks its host not-responding after three missed load reports,
+/// then down after `--host-down-after-ms`; no VM is placed on it; restarted, it is connected.
+#[test]
+fn cluster_killed_host_goes_not_responding_then_down_and_returns() {
+    let c = &mut Cluster::start(
+        3,
+        &["--load-interval-ms", "300", "--host-down-after-ms", "3000"],
+    );
+    wait_for("host 3 connected", Duration::from_secs(10), || {
+        (host_state(c, 3)? == "connected").then_some(())
+    });
+    let killed = Instant::now();
+    c.node(3).kill();
+    wait_for("host 3 not-responding", Duration::from_secs(10), || {
+        (host_state(c, 3)? == "not-responding").then_some(())
+    });
+    let not_responding = killed.elapsed();
+    wait_for("host 3 down", Duration::from_secs(15), || {
+        (host_state(c, 3)? == "down").then_some(())
+    });
+    let down = killed.elapsed();
+    // The last report may have left up to one interval (300 ms) before the kill.
+    assert!(
+        not_responding >= Duration::from_millis(600) && not_responding < down,
+        "{not_responding:?}"
+    );
+    assert!(
+        down >= Duration::from_millis(2700) && down < Duration::from_secs(10),
+        "{down:?}"
+    );
+    // A down host takes no new VM.
+    let body = json!({"name": "late", "memory_mib": 64, "vcpus": 1, "workload": "wss=4M",
+                      "host": 3});
+    let (status, reply) = post(&c.live(), "/v1/vms", &body);
+    assert_eq!(status, 409, "{reply}");
+    assert!(reply.to_string().contains("down"), "{reply}");
+    // The audit trail names the changes.
+    let audit = c.state()["audit"].to_string();
+    assert!(audit.contains("set host 3 state Down"), "{audit}");
+    // Back: connected again.
+    c.start_node(3, None);
+    wait_for("host 3 connected again", Duration::from_secs(15), || {
+        (host_state(c, 3)? == "connected").then_some(())
+    });
 }

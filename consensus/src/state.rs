@@ -3,7 +3,7 @@
 //! `ClusterState::apply` is the only way state changes. It is deterministic: it never reads a
 //! clock or any other input outside the command (time comes in the `Request` from the proposer),
 //! and a rejected command leaves the state exactly as it was.
-use imbl::{OrdMap, OrdSet, Vector};
+pub use imbl::{OrdMap, OrdSet, Vector};
 use serde::{Deserialize, Serialize};
 
 use crate::access::{AccessChange, AccessRole, AccessState};
@@ -31,6 +31,8 @@ pub enum HostState {
     Connected,
     EnteringMaintenance,
     InMaintenance,
+    /// The leader missed a few of its heartbeats: no placements or migrations to or from it.
+    NotResponding,
     Down,
 }
 

@@ -17,6 +17,9 @@ pub struct LeaderState {
     samples: Mutex<HashMap<String, VecDeque<VmLoad>>>,
     pub last_plan: Mutex<Option<DrsReport>>,
     pub last_drs: Mutex<Option<Instant>>,
+    /// When each host's last report (its heartbeat) arrived, in `clock_ms`.
+    beats: Mutex<HashMap<u64, u64>>,
+    started: Mutex<Option<Instant>>,
 }
 
 #[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
@@ -30,6 +33,25 @@ pub struct DrsReport {
 }
 
 impl LeaderState {
+    /// Milliseconds on this node's monotonic clock (from the first call).
+    pub fn clock_ms(&self) -> u64 {
+        let mut started = self.started.lock().unwrap_or_else(|p| p.into_inner());
+        started
+            .get_or_insert_with(Instant::now)
+            .elapsed()
+            .as_millis() as u64
+    }
+
+    pub fn beat(&self, host: u64) {
+        let now = self.clock_ms();
+        let mut beats = self.beats.lock().unwrap_or_else(|p| p.into_inner());
+        beats.insert(host, now);
+    }
+
+    pub fn beats(&self) -> HashMap<u64, u64> {
+        self.beats.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
     pub fn record(&self, vms: HashMap<String, VmLoad>) {
         let mut s = self.samples.lock().unwrap_or_else(|p| p.into_inner());
         for (name, load) in vms {

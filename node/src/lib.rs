@@ -26,6 +26,7 @@ mod join;
 mod layout_tests;
 pub mod leader_state;
 pub mod listener;
+pub mod liveness;
 pub mod load;
 pub mod maintenance;
 pub mod members;
@@ -68,6 +69,8 @@ pub struct NodeConfig {
     /// Capacity offered to VMs, when less than the machine's (several nodes on one machine).
     pub capacity_memory_mib: Option<u64>,
     pub capacity_cpus: Option<u32>,
+    /// A host silent this long is marked down (not-responding after three missed reports).
+    pub host_down_after: Duration,
 }
 
 pub async fn serve(cfg: NodeConfig) -> anyhow::Result<()> {
@@ -147,7 +150,12 @@ pub async fn serve(cfg: NodeConfig) -> anyhow::Result<()> {
     tokio::spawn(register_loop(cluster, cfg.id, addr, info));
     tokio::spawn(host::reconcile_loop(ctx.clone()));
     tokio::spawn(outbound::executor_loop(ctx.clone()));
-    tokio::spawn(controller::controller_loop(ctx.clone()));
+    let liveness = liveness::LivenessConfig {
+        not_responding_after_ms: 3 * cfg.load_interval.as_millis() as u64,
+        down_after_ms: (cfg.host_down_after.as_millis() as u64)
+            .max(4 * cfg.load_interval.as_millis() as u64),
+    };
+    tokio::spawn(controller::controller_loop(ctx.clone(), liveness));
     tokio::spawn(load::report_loop(ctx.clone(), cfg.load_interval));
 
     tokio::select! {

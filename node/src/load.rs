@@ -45,6 +45,7 @@ fn sample(ctx: &HostCtx, prev: &mut Prev) -> HashMap<String, VmLoad> {
 /// On the leader: keep a node's report in the load window the scheduler sees.
 pub fn record(ctx: &HostCtx, report: LoadReport) -> serde_json::Value {
     let n = report.vms.len();
+    ctx.leader.beat(report.host);
     ctx.leader.record(report.vms);
     serde_json::json!({ "recorded": n, "from": report.host })
 }

@@ -35,7 +35,8 @@ fn host_state(s: HostState) -> tern_scheduler::HostState {
         HostState::Connected => S::Connected,
         HostState::EnteringMaintenance => S::EnteringMaintenance,
         HostState::InMaintenance => S::InMaintenance,
-        HostState::Down => S::Down,
+        // Unreachable either way: the scheduler places nothing on it and moves nothing off.
+        HostState::NotResponding | HostState::Down => S::Down,
     }
 }
 

@@ -36,6 +36,10 @@ pub struct NodeArgs {
     /// How often this node samples its VMs' load and reports it to the leader (milliseconds).
     #[arg(long, default_value_t = 2000)]
     load_interval_ms: u64,
+    /// A host whose reports stop is marked not-responding after three missed reports and down
+    /// after this many milliseconds.
+    #[arg(long, default_value_t = 15000)]
+    host_down_after_ms: u64,
     /// Bandwidth cap per outbound live migration in MiB/s (0 = unlimited).
     #[arg(long, default_value_t = 0)]
     migrate_bandwidth_mib: u64,
@@ -79,6 +83,7 @@ pub fn run(args: NodeArgs) -> anyhow::Result<()> {
         capacity_cpus: args.capacity_cpus,
         load_interval: std::time::Duration::from_millis(args.load_interval_ms.max(100)),
         advertise: args.advertise,
+        host_down_after: std::time::Duration::from_millis(args.host_down_after_ms),
         raft: RaftOptions {
             heartbeat_ms: args.heartbeat_ms,
             election_min_ms: args.election_ms,
