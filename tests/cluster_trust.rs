@@ -325,3 +325,220 @@ fn trust_seven_hosts_make_five_voters_and_two_learners() {
     }
     c.write(json!({"op": "noop"}));
 }
+
+/// A node process's resident memory (KiB) and open descriptors.
+fn rss_kib_and_fds(pid: u32) -> (u64, usize) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let rss = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap();
+    let fds = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .count();
+    (rss, fds)
+}
+
+/// Slowloris against `addr`: `raw` connections that send the first bytes of a TLS record and
+/// stall, and `tls` connections that finish the handshake and trickle a request's headers;
+/// every connection the node drops is opened again, until `stop`.
+fn slowloris(
+    addr: String,
+    ca: String,
+    raw: usize,
+    tls: usize,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> std::thread::JoinHandle<u64> {
+    use std::net::TcpStream;
+    use std::sync::atomic::Ordering;
+    std::thread::spawn(move || {
+        let config = std::sync::Arc::new(tern_node::pki::operator_client_config(&ca).unwrap());
+        let ip: std::net::IpAddr = tern_node::pki::host_of(&addr).parse().unwrap();
+        let open_raw = || {
+            let mut s = TcpStream::connect(&addr).ok()?;
+            s.write_all(&[0x16, 0x03, 0x01]).ok()?;
+            Some(s)
+        };
+        let open_tls = || {
+            let s = TcpStream::connect(&addr).ok()?;
+            s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+            let conn = rustls::ClientConnection::new(
+                config.clone(),
+                rustls::pki_types::ServerName::from(ip),
+            )
+            .ok()?;
+            let mut t = rustls::StreamOwned::new(conn, s);
+            t.write_all(b"GET /v1/state HTTP/1.1\r\nHost: x\r\n").ok()?;
+            t.flush().ok()?;
+            Some(t.sock)
+        };
+        let mut opened = 0u64;
+        let mut conns: Vec<TcpStream> = Vec::new();
+        while !stop.load(Ordering::SeqCst) {
+            // Drop what the node closed, then top up each kind.
+            conns.retain(|s| {
+                s.set_nonblocking(true).unwrap();
+                let mut b = [0u8; 64];
+                let alive = matches!(
+                    std::io::Read::read(&mut &*s, &mut b),
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock
+                );
+                s.set_nonblocking(false).unwrap();
+                alive
+            });
+            let mut round = 0;
+            while conns.len() < raw + tls && round < 500 && !stop.load(Ordering::SeqCst) {
+                round += 1;
+                let s = if (opened as usize) % (raw + tls) < tls {
+                    open_tls()
+                } else {
+                    open_raw()
+                };
+                opened += 1;
+                conns.extend(s);
+            }
+            std::thread::sleep(Duration::from_millis(500));
+        }
+        opened
+    })
+}
+
+#[test]
+fn trust_slow_connections_do_not_stop_commits_and_memory_stays_bounded() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let mut c = Cluster::start(3, &[]);
+    let ca = api::admin(&c.addr(1)).unwrap().ca.unwrap();
+    let pid = c.nodes[0].child.as_ref().unwrap().id();
+    c.write(json!({"op": "noop"}));
+    let (rss0, fds0) = rss_kib_and_fds(pid);
+
+    // 1,000 slow connections to each of nodes 1 and 2 (a quorum), 200 of them past TLS.
+    let stop = std::sync::Arc::new(AtomicBool::new(false));
+    let attackers: Vec<_> = [1, 2]
+        .iter()
+        .map(|&id| slowloris(c.addr(id), ca.clone(), 800, 200, stop.clone()))
+        .collect();
+
+    // The cluster keeps committing, and a restarted node 3 gets back in through the choked
+    // listeners (its peers must accept its new connections and it theirs).
+    let (mut max_rss, mut max_fds) = (rss0, fds0);
+    let t0 = std::time::Instant::now();
+    let mut commits = 0;
+    let mut restarted = false;
+    while t0.elapsed() < Duration::from_secs(25) {
+        c.write(json!({"op": "noop"}));
+        commits += 1;
+        if !restarted && t0.elapsed() > Duration::from_secs(8) {
+            c.node(3).kill();
+            let seed = c.addr(1);
+            c.start_node(3, Some(&seed));
+            restarted = true;
+        }
+        let (rss, fds) = rss_kib_and_fds(pid);
+        max_rss = max_rss.max(rss);
+        max_fds = max_fds.max(fds);
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let leader = get(&c.addr(1), "/v1/status").expect("status")["last_applied"].clone();
+    wait_for("node 3 caught up", Duration::from_secs(30), || {
+        let s = get(&c.addr(3), "/v1/status")?;
+        (s["last_applied"].as_u64()? >= leader.as_u64()?).then_some(())
+    });
+    stop.store(true, Ordering::SeqCst);
+    let opened: u64 = attackers.into_iter().map(|a| a.join().unwrap()).sum();
+    assert!(
+        opened >= 2000,
+        "the attack opened only {opened} connections"
+    );
+    assert!(commits >= 20, "{commits} commits in 25 s");
+
+    // The bound: at most 128 handshaking + 256 peer + 512 other connections (listener::Limits),
+    // each with at most a 64 KiB request buffer and its TLS state: under 128 MiB of growth.
+    let limits = tern_node::listener::Limits::default();
+    assert!(
+        max_fds <= fds0 + limits.max_open(),
+        "{max_fds} descriptors open (was {fds0})"
+    );
+    assert!(
+        max_rss - rss0 < 128 << 10,
+        "resident memory grew from {rss0} KiB to {max_rss} KiB"
+    );
+    eprintln!(
+        "slow connections: {opened} opened; node 1 at most {max_fds} fds (from {fds0}), \
+         {max_rss} KiB resident (from {rss0}); {commits} commits"
+    );
+}
+
+#[test]
+fn trust_a_5mb_snapshot_installs_on_a_new_node_which_then_serves_reads_and_votes() {
+    let mut c = Cluster::start(3, &["--snapshot-every", "20", "--keep-after-snapshot", "2"]);
+    // 5 MB of state: 50 schedules carrying 100 KiB each.
+    let pad = "x".repeat(100 << 10);
+    for i in 0..50 {
+        c.write(
+            json!({"op": "put_schedule", "schedule": {"name": format!("pad-{i}"),
+            "cron": "0 2 * * *", "action": "noop", "enabled": false, "last_error": pad}}),
+        );
+    }
+    let seed = c.addr(1);
+    let state_len = get(&seed, "/v1/state").expect("state").to_string().len();
+    assert!(state_len >= 5_000_000, "state is only {state_len} bytes");
+    let leader_applied = get(&seed, "/v1/status").unwrap()["last_applied"]
+        .as_u64()
+        .unwrap();
+    wait_for(
+        "a snapshot past the padding",
+        Duration::from_secs(30),
+        || {
+            let s = get(&seed, "/v1/status")?;
+            (s["snapshot_index"].as_u64()? + 30 >= leader_applied).then_some(())
+        },
+    );
+
+    // Node 4 joins: the log behind the snapshot is gone, so it gets the snapshot, in chunks.
+    let addr4 = format!("{}.4:7400", seed.rsplit_once('.').unwrap().0);
+    api::register(&c.nodes[0].data, std::slice::from_ref(&addr4));
+    let data = c.dir.path().join("n4");
+    c.nodes.push(Node {
+        id: 4,
+        addr: addr4.clone(),
+        data,
+        child: None,
+        advertise: None,
+    });
+    c.start_node(4, Some(&seed));
+    wait_for(
+        "node 4 a voter, installed from the snapshot",
+        Duration::from_secs(90),
+        || {
+            let s = get(&addr4, "/v1/status")?;
+            let voter = s["members"]
+                .as_array()?
+                .iter()
+                .any(|m| m["id"] == json!(4) && m["voter"] == json!(true));
+            (voter
+                && s["snapshot_index"].as_u64().is_some()
+                && s["last_applied"].as_u64()? >= leader_applied)
+                .then_some(())
+        },
+    );
+    // It serves reads of the state it installed...
+    let state = get(&addr4, "/v1/state").expect("read on node 4");
+    assert_eq!(
+        state["schedules"]["pad-49"]["last_error"]
+            .as_str()
+            .map(str::len),
+        Some(100 << 10),
+        "{}",
+        &state.to_string()[..300]
+    );
+    // ...and votes: with the leader gone, nodes 2, 3 and 4 are exactly the quorum of four.
+    c.node(1).kill();
+    wait_for("a commit without node 1", Duration::from_secs(30), || {
+        let (status, _) = post(&c.addr(2), "/v1/write", &json!({"command": {"op": "noop"}}));
+        (status == 200).then_some(())
+    });
+    let s = get(&addr4, "/v1/status").expect("status");
+    assert_ne!(s["leader"], json!(1), "{s}");
+}

@@ -11,7 +11,7 @@ use std::time::Duration;
 use openraft::error::{
     InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable,
 };
-use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
+use openraft::network::{Backoff, RPCOption, RaftNetwork, RaftNetworkFactory};
 use openraft::raft::{
     AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
     VoteRequest, VoteResponse,
@@ -156,11 +156,13 @@ impl HttpNetwork {
             .json(req)
             .send()
             .await;
+        // Whatever is not a Raft answer (no connection, a failed TLS handshake, an HTTP error,
+        // an undecodable body) is reported as unreachable, so that openraft backs off
+        // (`backoff`) instead of retrying at once; only a timeout is retried as usual.
         let response = match sent {
             Ok(r) => r,
-            // Not reachable at all: openraft backs off instead of retrying at once.
-            Err(e) if e.is_connect() => return Err(RPCError::Unreachable(Unreachable::new(&e))),
-            Err(e) => return Err(RPCError::Network(NetworkError::new(&e))),
+            Err(e) if e.is_timeout() => return Err(RPCError::Network(NetworkError::new(&e))),
+            Err(e) => return Err(RPCError::Unreachable(Unreachable::new(&e))),
         };
         let status = response.status();
         let body = response
@@ -172,15 +174,26 @@ impl HttpNetwork {
                 "{path}: HTTP {status}: {}",
                 String::from_utf8_lossy(&body)
             ));
-            return Err(RPCError::Network(NetworkError::new(&err)));
+            return Err(RPCError::Unreachable(Unreachable::new(&err)));
         }
-        let decoded: Result<Resp, RaftError<NodeId, E>> =
-            serde_json::from_slice(&body).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+        let decoded: Result<Resp, RaftError<NodeId, E>> = serde_json::from_slice(&body)
+            .map_err(|e| RPCError::Unreachable(Unreachable::new(&e)))?;
         decoded.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
     }
 }
 
+/// Waits before each retry to a failing peer: 100 ms doubling to at most 1 s (short enough that a restarted
+/// follower hears from the leader before its election timer runs out twice) (reset by the
+/// first RPC that succeeds), instead of hundreds of requests a second.
+pub fn retry_delays() -> impl Iterator<Item = Duration> + Send + 'static {
+    (0u32..).map(|i| Duration::from_millis(100u64 << i.min(5)).min(Duration::from_secs(1)))
+}
+
 impl RaftNetwork<TypeConfig> for HttpNetwork {
+    fn backoff(&self) -> Backoff {
+        Backoff::new(retry_delays())
+    }
+
     async fn append_entries(
         &mut self,
         rpc: AppendEntriesRequest<TypeConfig>,
@@ -206,5 +219,27 @@ impl RaftNetwork<TypeConfig> for HttpNetwork {
         option: RPCOption,
     ) -> Result<VoteResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId>>> {
         self.call(VOTE_PATH, &rpc, &option).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retries_to_a_failing_peer_back_off_to_one_second() {
+        let d: Vec<u64> = retry_delays()
+            .take(8)
+            .map(|d| d.as_millis() as u64)
+            .collect();
+        assert_eq!(d, vec![100, 200, 400, 800, 1000, 1000, 1000, 1000]);
+        // At most a handful of requests a minute once backed off, not hundreds a second.
+        let first_minute: u64 = retry_delays()
+            .scan(0u64, |t, d| {
+                *t += d.as_millis() as u64;
+                (*t <= 60_000).then_some(())
+            })
+            .count() as u64;
+        assert!(first_minute < 70, "{first_minute}");
     }
 }

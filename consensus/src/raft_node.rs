@@ -36,6 +36,9 @@ pub enum ConsensusError {
     Timeout { ms: u64 },
 }
 
+/// Bytes of snapshot per install-snapshot request.
+pub const SNAPSHOT_CHUNK: usize = 1 << 20;
+
 /// Raft timing and log compaction knobs.
 #[derive(Clone, Debug)]
 pub struct RaftOptions {
@@ -101,6 +104,11 @@ impl ConsensusNode {
             snapshot_policy: SnapshotPolicy::LogsSinceLast(opts.snapshot_every),
             max_in_snapshot_log_to_keep: opts.keep_after_snapshot,
             purge_batch_size: 256,
+            // Snapshots of any size travel in chunks small enough for one request each (JSON
+            // makes a chunk up to 4x larger; the peer's body limit is far above that), with
+            // time for a loaded peer to take each one.
+            snapshot_max_chunk_size: SNAPSHOT_CHUNK as u64,
+            install_snapshot_timeout: 10_000,
             ..Default::default()
         }
         .validate()?;
