@@ -14,9 +14,19 @@ WORKLOAD=${WORKLOAD:-wss=128M,rate=2000,pattern=random,duty=20}
 WARMUP=${WARMUP:-20}
 PIDS=()
 DIRS=()
+# Kill the VMMs (one process per VM, outliving their node) started under data dir $1, each
+# checked against its command line so that a reused pid is never signalled.
+kill_vmms() {
+  for f in "$1"/n*/run/vms/*/pid; do
+    [ -f "$f" ] || continue
+    local p; p=$(cat "$f")
+    tr '\0' ' ' <"/proc/$p/cmdline" 2>/dev/null | grep -q -- "$(dirname "$f")" && kill -9 "$p" 2>/dev/null
+  done
+  return 0
+}
 cleanup() {
   for p in "${PIDS[@]}"; do kill -9 "$p" 2>/dev/null || true; done
-  for d in "${DIRS[@]}"; do rm -rf "$d"; done
+  for d in "${DIRS[@]}"; do kill_vmms "$d"; rm -rf "$d"; done
 }
 trap cleanup EXIT
 
@@ -77,6 +87,7 @@ run() {
   echo "$state" | jq -r '.tasks[] | select(.state != "succeeded")
     | "  task \(.id) \(.vm) \(.from)->\(.to) \(.state): \(.error)"' >&2
   for p in "${mine[@]}"; do kill -9 "$p" 2>/dev/null || true; done
+  kill_vmms "$dir"
   PIDS=()  # all killed: never signal a PID that may have been reused since
 }
 

@@ -413,7 +413,8 @@ fn cluster_kill_destination_mid_migration_keeps_the_vm_on_the_source() {
     wait_for("migration running", Duration::from_secs(10), || {
         get(&c.addr(1), "/v1/tasks/0/progress").filter(|p| p["bytes_sent"].as_u64() > Some(1 << 20))
     });
-    c.node(2).kill();
+    // The destination host fails: its node and its VMMs.
+    c.node(2).crash();
     let tasks = c.wait_tasks_idle(Duration::from_secs(40));
     assert_eq!(tasks[0]["state"], json!("failed"), "{tasks:?}");
     assert!(tasks[0]["error"].as_str().is_some_and(|e| !e.is_empty()));

@@ -275,7 +275,7 @@ fn malformed_control_messages_get_errors_and_the_vmm_keeps_running() {
     let recv = c.call(&Request::Receive {
         listen: "127.0.0.1:0".parse().unwrap(),
         token: String::new(),
-        expected,
+        expected: Box::new(expected),
         epoch: 1,
         accept_timeout_ms: None,
     });
@@ -314,7 +314,7 @@ fn receiver(
         .call(&Request::Receive {
             listen: "127.0.0.1:0".parse().unwrap(),
             token: "secret".into(),
-            expected: spec.clone(),
+            expected: Box::new(spec.clone()),
             epoch,
             accept_timeout_ms: Some(20_000),
         })

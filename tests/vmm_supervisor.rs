@@ -16,6 +16,7 @@ fn spec(name: &str) -> VmSpec {
         memory_mib: 128,
         vcpus: 1,
         workload: "wss=16M,rate=5000,pattern=random,duty=50".into(),
+        disk: None,
     }
 }
 

@@ -477,6 +477,13 @@ pub enum Command {
         hash: String,
         expires_at_ms: u64,
     },
+    /// Record what happened to a VM on a host (its process died, it was restarted); changes
+    /// nothing but the audit trail.
+    RecordVmEvent {
+        vm: String,
+        host: HostId,
+        event: String,
+    },
     Noop,
 }
 
@@ -1074,6 +1081,12 @@ impl ClusterState {
                 &req.actor,
                 req.at_ms,
             )?,
+            Command::RecordVmEvent { vm, event, .. } => {
+                self.vm(vm)?;
+                if event.is_empty() || event.len() > 1024 {
+                    return Err(invalid("a vm event is 1-1024 bytes"));
+                }
+            }
             Command::Noop => {}
         }
         Ok(Applied::Done)
@@ -1145,6 +1158,7 @@ fn describe(cmd: &Command) -> String {
         Command::CreateJoinToken { expires_at_ms, .. } => {
             format!("create join token (expires {expires_at_ms})")
         }
+        Command::RecordVmEvent { vm, host, event } => format!("vm {vm} on host {host}: {event}"),
         Command::Noop => "noop".to_string(),
     }
 }
@@ -1258,6 +1272,28 @@ mod tests {
                 command: cmd,
             },
         )
+    }
+
+    #[test]
+    fn a_vm_event_changes_nothing_but_the_audit_trail() {
+        let mut s = cluster("0 2 * * *");
+        let before = s.vms.clone();
+        let n = s.audit.len();
+        let event = |vm: &str, event: &str| Command::RecordVmEvent {
+            vm: vm.into(),
+            host: 1,
+            event: event.into(),
+        };
+        apply(&mut s, event("a", "VMM pid 7 died (killed or crashed)")).unwrap();
+        assert_eq!(s.vms, before);
+        assert_eq!(s.audit.len(), n + 1);
+        let last = &s.audit[s.audit.len() - 1].action;
+        assert_eq!(last, "vm a on host 1: VMM pid 7 died (killed or crashed)");
+        // An unknown VM or an empty or oversized event is refused and leaves no entry.
+        assert!(apply(&mut s, event("zz", "x")).is_err());
+        assert!(apply(&mut s, event("a", "")).is_err());
+        assert!(apply(&mut s, event("a", &"x".repeat(2000))).is_err());
+        assert_eq!(s.audit.len(), n + 1);
     }
 
     /// Two hosts, vm `a` on host 1, and a schedule `s` with the given cron.

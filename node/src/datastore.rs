@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 use anyhow::Context;
 use fs2::FileExt;
 use serde::{Deserialize, Serialize};
+use tern_hypervisor::vmm::lease::{self, Lease};
 
 /// Disk size of a VM whose config predates `disk_mib` (what every disk was then).
 const LEGACY_DISK_MIB: u64 = 64;
@@ -69,6 +70,31 @@ pub struct VmConfig {
     /// Size of `disk.img` (raw, sparse), MiB.
     #[serde(default = "legacy_disk_mib")]
     pub disk_mib: u64,
+    /// What the node does when the VM's process dies.
+    #[serde(default)]
+    pub restart: RestartPolicy,
+}
+
+/// What happens when a VM's VMM process dies on its host.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RestartPolicy {
+    /// Cold-boot it again from its datastore files on the same host.
+    #[default]
+    Always,
+    /// Leave it stopped (the committed state says so).
+    Never,
+}
+
+impl std::str::FromStr for RestartPolicy {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "always" => Ok(RestartPolicy::Always),
+            "never" => Ok(RestartPolicy::Never),
+            _ => Err(format!("restart policy {s:?} is not `always` or `never`")),
+        }
+    }
 }
 
 fn legacy_disk_mib() -> u64 {
@@ -183,6 +209,43 @@ impl Datastore {
         serde_json::from_slice(&text).with_context(|| format!("parsing {}", path.display()))
     }
 
+    /// The VM's disk image (attached as virtio-blk by its VMM).
+    pub fn disk_path(&self, name: &str) -> anyhow::Result<PathBuf> {
+        Ok(self.dir(name)?.join("disk.img"))
+    }
+
+    /// The VM's ownership lease (see `tern_hypervisor::vmm::lease`).
+    pub fn lease_path(&self, name: &str) -> anyhow::Result<PathBuf> {
+        Ok(self.dir(name)?.join("lease"))
+    }
+
+    /// The lease as it stands (`None`: none written yet, or unreadable).
+    pub fn lease(&self, name: &str) -> Option<Lease> {
+        lease::read(&self.lease_path(name).ok()?).ok()
+    }
+
+    /// Record that `owner` runs the VM at the committed `epoch`. Never moves the lease back:
+    /// a node whose view lags cannot hand the VM to an older epoch (refused with the reason);
+    /// the same lease again is a no-op.
+    pub fn write_lease(&self, name: &str, owner: u64, epoch: u64) -> anyhow::Result<()> {
+        let path = self.lease_path(name)?;
+        match lease::read(&path) {
+            Ok(l) if l.epoch > epoch => anyhow::bail!(
+                "the lease of {name} is at epoch {} (host {}), newer than {epoch}",
+                l.epoch,
+                l.owner
+            ),
+            Ok(l) if l.epoch == epoch && l.owner != owner => anyhow::bail!(
+                "the lease of {name} gives epoch {epoch} to host {}, not {owner}",
+                l.owner
+            ),
+            Ok(l) if l.epoch == epoch => return Ok(()),
+            _ => {}
+        }
+        lease::write(&path, Lease { owner, epoch })
+            .with_context(|| format!("writing {}", path.display()))
+    }
+
     /// Take the VM's exclusive lock, failing at once if another process holds it.
     pub fn lock(&self, name: &str) -> anyhow::Result<VmLock> {
         let path = self.dir(name)?.join("lock");
@@ -232,6 +295,7 @@ mod tests {
             vcpus: 1,
             workload: "wss=8M".into(),
             disk_mib: 1024,
+            restart: Default::default(),
         };
         ds.create(&cfg).unwrap();
         // Sparse: the full size, almost no blocks.
@@ -243,6 +307,7 @@ mod tests {
             let cfg = VmConfig {
                 name: "b".into(),
                 disk_mib: bad,
+                restart: Default::default(),
                 ..cfg.clone()
             };
             let e = ds.create(&cfg).unwrap_err();
@@ -296,6 +361,7 @@ mod tests {
             vcpus: 1,
             workload: "wss=8M".into(),
             disk_mib: 16,
+            restart: Default::default(),
         })
         .unwrap();
         let _held = ds.lock("a").unwrap();
@@ -346,6 +412,7 @@ mod tests {
             vcpus: 1,
             workload: "wss=8M".into(),
             disk_mib: 16,
+            restart: Default::default(),
         };
         ds.create(&first).unwrap();
         let second = VmConfig {
@@ -365,5 +432,28 @@ mod tests {
         for bad in ["", "..", "../x", "a/b", ".hidden"] {
             assert!(ds.lock(bad).is_err(), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn the_lease_never_moves_back_nor_changes_hands_at_one_epoch() {
+        let dir = tempfile::tempdir().unwrap();
+        let ds = Datastore::open(dir.path()).unwrap();
+        std::fs::create_dir(dir.path().join("vms/a")).unwrap();
+        ds.write_lease("a", 1, 0).unwrap();
+        ds.write_lease("a", 1, 0).unwrap(); // the same again: a no-op
+        ds.write_lease("a", 2, 1).unwrap();
+        assert_eq!(ds.lease("a"), Some(Lease { owner: 2, epoch: 1 }));
+        // A node whose view lags (owner 1 at epoch 0) cannot take it back.
+        let e = ds.write_lease("a", 1, 0).unwrap_err().to_string();
+        assert!(e.contains("newer"), "{e}");
+        let e = ds.write_lease("a", 1, 1).unwrap_err().to_string();
+        assert!(e.contains("not 1"), "{e}");
+        assert_eq!(ds.lease("a"), Some(Lease { owner: 2, epoch: 1 }));
+        let mode = std::fs::metadata(ds.lease_path("a").unwrap())
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+        assert!(ds.write_lease("../x", 1, 5).is_err());
     }
 }

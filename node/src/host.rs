@@ -1,9 +1,11 @@
-//! This host's VMs: which run here, booting and stopping them as the committed state says.
+//! This host's VMs: which run here, as one `tern vmm` process each, started and stopped as the
+//! committed state says.
 //!
 //! The reconciler reacts to every applied change (watch subscription): a VM the committed state
-//! gives this host and marks running is booted from its datastore config; a local VM the state
-//! no longer gives this host (or marks stopped) is shut down. VMs in the middle of a migration
-//! are left to the migration code.
+//! gives this host and marks running gets a VMM booted from its datastore files, under a lease
+//! naming this host at the committed epoch; a local VM the state no longer gives this host (or
+//! marks stopped) has its VMM stopped. VMs in the middle of a migration are left to the
+//! migration code. The VMMs outlive the node: a restarted node adopts them (`adopt`).
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -11,33 +13,28 @@ use std::time::Duration;
 use anyhow::Context;
 use tern_consensus::state::{TaskId, VmState};
 use tern_consensus::{ClusterState, ConsensusNode};
-use tern_hypervisor::migration::{feature_words, CancelToken, KvmMigratable};
-use tern_hypervisor::{Vm, Workload};
+use tern_hypervisor::migration::{feature_words, CancelToken};
+use tern_hypervisor::vmm::{Client, VmSpec, VmmStatus};
+use tern_hypervisor::Vm;
 
 use super::admission;
-use super::cgroup::{self, Cgroups, PoolLimits, VmCgroup};
+use super::cgroup::{Cgroups, PoolLimits, VmCgroup};
 use super::cluster::Cluster;
-use super::datastore::{Datastore, VmConfig, VmLock};
+use super::datastore::{Datastore, VmConfig};
 use super::leader_state::LeaderState;
+use super::supervisor::{Launch, Supervisor};
 
-/// A VM running (or paused for migration) on this host.
+/// A VM whose VMM runs (or is paused for migration) on this host.
 pub struct LocalVm {
-    pub vm: Arc<KvmMigratable>,
     pub cfg: VmConfig,
     /// Ownership epoch this host runs it under.
     pub epoch: u64,
-    pub lock: Option<VmLock>,
+    /// The VMM's process id.
+    pub pid: u32,
     /// An outbound migration is running; the reconciler leaves it alone.
     pub migrating: bool,
-    /// The pool cgroup its vCPU threads run in (declared after `vm`: dropped once they end).
+    /// The pool cgroup its VMM runs in (removed once the process has gone).
     pub cgroup: Option<VmCgroup>,
-}
-
-/// What migration sends as the handshake's config string.
-#[derive(serde::Serialize, serde::Deserialize)]
-pub struct WireConfig {
-    pub vm: VmConfig,
-    pub cpu_vendor: String,
 }
 
 /// Progress of an outbound migration, for `tern migrate --wait`.
@@ -57,6 +54,8 @@ pub struct HostCtx {
     pub handle: tokio::runtime::Handle,
     /// IP this node listens on; inbound migration listeners bind it too.
     pub ip: String,
+    /// The VMM processes of this host.
+    pub supervisor: Supervisor,
     vms: Mutex<HashMap<String, LocalVm>>,
     /// VMs being received or booted here (not yet in `vms`).
     arriving: Mutex<HashSet<String>>,
@@ -75,6 +74,17 @@ fn guard<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// What the VMM of a VM is told to run: its config, with the disk on the datastore.
+pub fn vmm_spec(ds: &Datastore, cfg: &VmConfig) -> anyhow::Result<VmSpec> {
+    Ok(VmSpec {
+        name: cfg.name.clone(),
+        memory_mib: cfg.memory_mib,
+        vcpus: cfg.vcpus,
+        workload: cfg.workload.clone(),
+        disk: Some(ds.disk_path(&cfg.name)?),
+    })
+}
+
 impl HostCtx {
     pub fn new(
         id: u64,
@@ -82,6 +92,7 @@ impl HostCtx {
         node: ConsensusNode,
         datastore: Option<Datastore>,
         ip: String,
+        supervisor: Supervisor,
     ) -> Arc<HostCtx> {
         Arc::new(HostCtx {
             id,
@@ -90,6 +101,7 @@ impl HostCtx {
             datastore,
             handle: tokio::runtime::Handle::current(),
             ip,
+            supervisor,
             vms: Mutex::new(HashMap::new()),
             arriving: Mutex::new(HashSet::new()),
             cancels: Mutex::new(HashMap::new()),
@@ -116,6 +128,16 @@ impl HostCtx {
 
     pub fn vms(&self) -> MutexGuard<'_, HashMap<String, LocalVm>> {
         guard(&self.vms)
+    }
+
+    /// A client of a local VM's control socket.
+    pub fn vmm(&self, name: &str) -> anyhow::Result<Client> {
+        self.supervisor.client(name)
+    }
+
+    /// The status of a local VM's VMM.
+    pub fn vmm_status(&self, name: &str) -> anyhow::Result<VmmStatus> {
+        Ok(self.vmm(name)?.status()?)
     }
 
     pub fn datastore(&self) -> anyhow::Result<&Datastore> {
@@ -151,7 +173,17 @@ impl HostCtx {
             .clone()
     }
 
-    /// Boot `name` fresh from its datastore config (blocking).
+    /// Put a VMM process in its pool's cgroups (VMs in no pool stay as they were).
+    pub fn place(&self, name: &str, pid: u32, vcpus: u32) -> Option<VmCgroup> {
+        let state = self.state();
+        let pool = state.vms.get(name).and_then(|v| v.pool.as_deref());
+        let cg = self.cgroups.get().filter(|_| pool.is_some())?;
+        cg.place(name, pid, vcpus, &PoolLimits::of_vm(&state, name))
+            .inspect_err(|e| tracing::warn!(vm = name, "pool limits not applied: {e}"))
+            .ok()
+    }
+
+    /// Boot `name` fresh from its datastore files in a new VMM (blocking).
     fn boot(&self, name: &str, epoch: u64) -> anyhow::Result<()> {
         let ds = self.datastore()?;
         let cfg = ds.config(name)?;
@@ -161,66 +193,55 @@ impl HostCtx {
             metrics::counter!("tern_vm_admission_refused_total").increment(1);
             anyhow::bail!("not started: {why}");
         }
-        let lock = ds.lock_within(name, Duration::from_secs(5))?;
-        let workload: Workload = cfg.workload.parse().context("workload")?;
-        let vendor = self.cpu().map(|c| c.1).unwrap_or_default();
-        let (vm, vcpus) = cgroup::with_new_vcpu_threads(|| {
-            Vm::new(tern_hypervisor::VmConfig {
-                memory: cfg.memory_mib << 20,
-                vcpus: cfg.vcpus as usize,
-                serial_log: None,
-            })
-        });
-        let mut vm = vm?;
-        // VMs in no pool stay as they were: nothing to enforce, and no change to how they
-        // compete with the node's own threads.
-        let cgroups = self.cgroups.get().filter(|_| pool.is_some());
-        let cgroup = cgroups.and_then(|cg| {
-            cg.place_threads(name, &vcpus, &PoolLimits::of_vm(&state, name))
-                .inspect_err(|e| tracing::warn!(vm = name, "pool limits not applied: {e}"))
-                .ok()
-        });
-        vm.boot(tern_hypervisor::guest_image::IMAGE, &workload.cmdline())?;
-        let wire = serde_json::to_string(&WireConfig {
-            vm: cfg.clone(),
-            cpu_vendor: vendor,
+        ds.write_lease(name, self.id, epoch)?;
+        let pid = self.supervisor.start(&Launch {
+            spec: vmm_spec(ds, &cfg)?,
+            epoch,
+            lease: Some(ds.lease_path(name)?),
+            receive: false,
         })?;
+        let cgroup = self.place(name, pid, cfg.vcpus);
         self.vms().insert(
             name.to_string(),
             LocalVm {
-                vm: Arc::new(KvmMigratable::new(vm, wire)),
                 cfg,
                 epoch,
-                lock: Some(lock),
+                pid,
                 migrating: false,
                 cgroup,
             },
         );
-        tracing::info!(vm = name, "booted");
+        tracing::info!(vm = name, pid, epoch, "booted");
         Ok(())
     }
 
-    /// Stop and drop a local VM (releasing its lock).
+    /// Stop a local VM's VMM and forget it.
     pub fn stop_local(&self, name: &str) {
-        let Some(local) = self.vms().remove(name) else {
-            return;
-        };
-        local.vm.lock().shutdown();
+        let local = self.vms().remove(name);
+        if let Err(e) = self.supervisor.stop(name) {
+            tracing::warn!(vm = name, "stopping its VMM: {e:#}");
+        }
+        if let Some(cg) = local.and_then(|l| l.cgroup) {
+            let _ = cg.release();
+        }
         tracing::info!(vm = name, "stopped");
     }
 
     /// Bring local VMs in line with the committed state.
     fn reconcile(self: &Arc<Self>, state: &ClusterState) {
         let arriving = guard(&self.arriving).clone();
+        // A VM whose local epoch is ahead of this node's view arrived through a commit this
+        // node has not applied yet: keep it.
         let to_stop: Vec<String> = self
             .vms()
             .iter()
             .filter(|(name, local)| {
                 !local.migrating
                     && state.vms.get(*name).is_none_or(|vm| {
-                        vm.owner != self.id
-                            || vm.epoch != local.epoch
-                            || vm.state == VmState::Stopped
+                        vm.epoch >= local.epoch
+                            && (vm.owner != self.id
+                                || vm.epoch != local.epoch
+                                || vm.state == VmState::Stopped)
                     })
             })
             .map(|(name, _)| name.clone())
@@ -228,15 +249,29 @@ impl HostCtx {
         for name in to_stop {
             self.stop_local(&name);
         }
-        if self.datastore.is_none() {
+        let Some(ds) = &self.datastore else {
             return;
-        }
+        };
         for (name, vm) in &state.vms {
             let wanted = vm.owner == self.id && vm.state == VmState::Running;
-            if !wanted || arriving.contains(name) || self.vms().contains_key(name) {
+            if !wanted {
                 continue;
             }
-            guard(&self.arriving).insert(name.clone());
+            // The committed owner holds the lease even when its source could not write it.
+            if let Err(e) = ds.write_lease(name, self.id, vm.epoch) {
+                tracing::debug!(vm = %name, "lease: {e:#}");
+            }
+            if arriving.contains(name) || self.vms().contains_key(name) {
+                continue;
+            }
+            // Claim the boot (reconciles run concurrently): exactly one of them boots it.
+            if !self.arriving_insert(name) {
+                continue;
+            }
+            if self.vms().contains_key(name) {
+                self.arriving_remove(name);
+                continue;
+            }
             let (ctx, name, epoch) = (self.clone(), name.clone(), vm.epoch);
             std::thread::spawn(move || {
                 if let Err(e) = ctx.boot(&name, epoch) {

@@ -1,26 +1,19 @@
 //! The destination side: a migration stream is accepted only for a committed, running task that
-//! names this host, on a listener opened for that task, authenticated by the task's token. The
-//! received VM resumes only once this node has applied the ownership commit that gives it the VM.
-use std::net::TcpListener;
+//! names this host, by a receiving VMM started for that task, on a listener opened for it,
+//! authenticated by the task's token. The received VM resumes only once the lease on the
+//! datastore names this host at the task's epoch, which its source writes after the Raft commit
+//! of the ownership transfer (and this node too, once it applies that commit).
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tern_consensus::state::{MigrationTask, TaskId, TaskState};
-use tern_hypervisor::migration::{
-    receive, Hello, KvmMigratable, MigratableVm, PageBitmap, ReceiveConfig, VmResult,
-};
-use tern_hypervisor::Vm;
+use tern_hypervisor::vmm::{Request, Response, VmmState};
 
-use super::datastore::VmLock;
-use super::host::{HostCtx, LocalVm, WireConfig};
+use super::host::{vmm_spec, HostCtx, LocalVm};
+use super::supervisor::Launch;
 
 /// How long a prepared listener waits for its source.
 const ACCEPT_TIMEOUT: Duration = Duration::from_secs(15);
-/// How long the destination waits, told to resume, for the ownership commit to be applied here.
-/// The source sends `Resume` only after the commit, so the commit does exist and this node will
-/// apply it once it hears from the majority again (it may be cut off right now): giving up early
-/// would leave the committed owner without the VM's state, so wait long.
-const COMMIT_WAIT: Duration = Duration::from_secs(600);
 
 /// Why a prepare request is refused (HTTP 409 / 404 / 503).
 #[derive(Debug)]
@@ -46,7 +39,7 @@ async fn committed_task(ctx: &HostCtx, id: TaskId) -> Option<MigrationTask> {
     }
 }
 
-/// Open a listener for task `id` and receive its VM in the background; returns the address.
+/// Start a receiving VMM for task `id` and let it listen; returns the address.
 pub async fn prepare(ctx: Arc<HostCtx>, id: TaskId) -> Result<String, Refusal> {
     let task = committed_task(&ctx, id).await.ok_or(Refusal::NoTask(id))?;
     if task.to != ctx.id {
@@ -72,9 +65,6 @@ pub async fn prepare(ctx: Arc<HostCtx>, id: TaskId) -> Result<String, Refusal> {
             task.vm, vm.owner, task.from
         )));
     }
-    let (features, vendor) = ctx
-        .cpu()
-        .ok_or_else(|| Refusal::Unavailable("this host cannot run VMs (no KVM)".into()))?;
     ctx.datastore()
         .map_err(|e| Refusal::Unavailable(e.to_string()))?;
     if ctx.vms().contains_key(&task.vm) || !ctx.arriving_insert(&task.vm) {
@@ -83,188 +73,115 @@ pub async fn prepare(ctx: Arc<HostCtx>, id: TaskId) -> Result<String, Refusal> {
             task.vm
         )));
     }
-    let listener = match TcpListener::bind((ctx.ip.as_str(), 0)).and_then(|l| {
-        let addr = l.local_addr()?;
-        Ok((l, addr))
-    }) {
-        Ok(l) => l,
+    let epoch = vm.epoch + 1;
+    let c = ctx.clone();
+    let t = task.clone();
+    let started = tokio::task::spawn_blocking(move || start_receiver(&c, &t, epoch))
+        .await
+        .map_err(|e| Refusal::Unavailable(e.to_string()))
+        .and_then(|r| r);
+    match started {
+        Ok(addr) => {
+            let name = task.vm.clone();
+            std::thread::spawn(move || watch(&ctx, &name, epoch));
+            Ok(addr)
+        }
         Err(e) => {
             ctx.arriving_remove(&task.vm);
-            return Err(Refusal::Unavailable(format!("binding a listener: {e}")));
+            Err(e)
         }
-    };
-    let (listener, addr) = listener;
-    let epoch = vm.epoch + 1;
-    let ctx2 = ctx.clone();
-    std::thread::spawn(move || {
-        let name = task.vm.clone();
-        if let Err(e) = receive_task(&ctx2, &listener, &task, epoch, features, vendor) {
-            tracing::warn!(task = task.id, vm = %name, "inbound migration failed: {e}");
-        }
-        ctx2.arriving_remove(&name);
-        let state = ctx2.state();
-        ctx2.reconcile_now(&state);
+    }
+}
+
+/// Start the VMM in receive mode and tell it what to wait for.
+fn start_receiver(ctx: &HostCtx, task: &MigrationTask, epoch: u64) -> Result<String, Refusal> {
+    let unavailable = |e: anyhow::Error| Refusal::Unavailable(format!("{e:#}"));
+    let ds = ctx.datastore().map_err(unavailable)?;
+    let cfg = ds.config(&task.vm).map_err(unavailable)?;
+    let spec = vmm_spec(ds, &cfg).map_err(unavailable)?;
+    let lease = ds.lease_path(&task.vm).map_err(unavailable)?;
+    let pid = ctx
+        .supervisor
+        .start(&Launch {
+            spec: spec.clone(),
+            epoch,
+            lease: Some(lease),
+            receive: true,
+        })
+        .map_err(unavailable)?;
+    let cgroup = ctx.place(&task.vm, pid, cfg.vcpus);
+    let listen = format!("{}:0", ctx.ip)
+        .parse()
+        .map_err(|e| Refusal::Unavailable(format!("listen address: {e}")))?;
+    let reply = ctx.vmm(&task.vm).and_then(|mut c| {
+        Ok(c.call(&Request::Receive {
+            listen,
+            token: task.token.clone(),
+            expected: Box::new(spec),
+            epoch,
+            accept_timeout_ms: Some(ACCEPT_TIMEOUT.as_millis() as u64),
+        })?)
     });
-    Ok(addr.to_string())
+    match reply {
+        Ok(Response::Listening { addr }) => {
+            // Known from here on, so that a death is noticed; `watch` decides its fate.
+            ctx.vms().insert(
+                task.vm.clone(),
+                LocalVm {
+                    cfg,
+                    epoch,
+                    pid,
+                    migrating: true,
+                    cgroup,
+                },
+            );
+            Ok(addr.to_string())
+        }
+        other => {
+            let _ = ctx.supervisor.stop(&task.vm);
+            if let Some(cg) = cgroup {
+                let _ = cg.release();
+            }
+            Err(Refusal::Unavailable(format!(
+                "the receiving VMM did not listen: {other:?}"
+            )))
+        }
+    }
 }
 
-fn receive_task(
-    ctx: &Arc<HostCtx>,
-    listener: &TcpListener,
-    task: &MigrationTask,
-    epoch: u64,
-    features: Vec<u32>,
-    vendor: String,
-) -> Result<(), String> {
-    let cfg = ReceiveConfig {
-        token: task.token.clone(),
-        cpu_features: features,
-        accept_timeout: Some(ACCEPT_TIMEOUT),
-        ..Default::default()
+/// Follow a receiving VMM until its migration has ended: a VM that runs is this host's, one
+/// that failed is stopped. Also used for a receiving VMM adopted after a node restart.
+pub fn watch(ctx: &Arc<HostCtx>, name: &str, epoch: u64) {
+    let outcome = loop {
+        let view = ctx
+            .vmm(name)
+            .and_then(|mut c| Ok(c.wait_gate(Duration::from_secs(2))?));
+        match view {
+            Ok(v) if v.finished => break v.error,
+            // Never told to receive (its node restarted before it could be): nothing will come.
+            Ok(v) if v.phase.is_empty() => break Some("never told what to receive".into()),
+            Ok(_) => {}
+            Err(e) => break Some(format!("{e:#}")),
+        }
+        std::thread::sleep(Duration::from_millis(20));
     };
-    let mut vm_cfg = None;
-    let (vm, _stats) = receive(listener, &cfg, |h: &Hello| {
-        let wire: WireConfig = serde_json::from_str(&h.spec.config)
-            .map_err(|e| format!("unreadable VM config: {e}"))?;
-        if wire.vm.name != task.vm {
-            return Err(format!(
-                "stream carries vm {:?}, task {} moves {:?}",
-                wire.vm.name, task.id, task.vm
-            ));
-        }
-        if wire.cpu_vendor != vendor {
-            return Err(format!(
-                "CPU vendor {} differs from this host's {vendor}",
-                wire.cpu_vendor
-            ));
-        }
-        if wire.vm.memory_mib << 20 != h.spec.memory_bytes || wire.vm.vcpus != h.spec.vcpus {
-            return Err("VM config disagrees with the memory layout".into());
-        }
-        let vm = Vm::new(tern_hypervisor::VmConfig {
-            memory: h.spec.memory_bytes,
-            vcpus: h.spec.vcpus as usize,
-            serial_log: None,
-        })
-        .map_err(|e| e.to_string())?;
-        vm_cfg = Some(wire.vm.clone());
-        Ok(GatedVm {
-            inner: KvmMigratable::new(vm, h.spec.config.clone()),
-            ctx: ctx.clone(),
-            vm: task.vm.clone(),
-            epoch,
-            lock: std::sync::Mutex::new(None),
-        })
-    })
-    .map_err(|e| e.to_string())?;
-    let cfg = vm_cfg.ok_or("no VM config received")?;
-    let lock = vm.lock.lock().unwrap_or_else(|p| p.into_inner()).take();
-    ctx.vms().insert(
-        task.vm.clone(),
-        LocalVm {
-            vm: Arc::new(vm.inner),
-            cfg,
-            epoch,
-            lock,
-            migrating: false,
-            cgroup: None,
-        },
-    );
-    tracing::info!(task = task.id, vm = %task.vm, "migration received, running here");
-    Ok(())
-}
-
-/// The received VM: resuming waits for the committed ownership (and takes the datastore lock).
-struct GatedVm {
-    inner: KvmMigratable,
-    ctx: Arc<HostCtx>,
-    vm: String,
-    epoch: u64,
-    lock: std::sync::Mutex<Option<VmLock>>,
-}
-
-impl GatedVm {
-    fn wait_for_ownership(&self) -> VmResult<()> {
-        let until = Instant::now() + COMMIT_WAIT;
-        loop {
-            let state = self.ctx.state();
-            match state.vms.get(&self.vm) {
-                Some(v) if v.owner == self.ctx.id && v.epoch == self.epoch => return Ok(()),
-                Some(v) if v.epoch >= self.epoch => {
-                    return Err(vm_err(format!(
-                        "vm {} went to host {} at epoch {}",
-                        self.vm, v.owner, v.epoch
-                    )))
-                }
-                None => return Err(vm_err(format!("vm {} was deleted", self.vm))),
-                _ => {}
+    let running = ctx
+        .vmm_status(name)
+        .is_ok_and(|s| s.state == VmmState::Running && s.epoch == epoch);
+    match (running, outcome) {
+        (true, _) => {
+            if let Some(l) = ctx.vms().get_mut(name) {
+                l.migrating = false;
+                l.epoch = epoch;
             }
-            if Instant::now() >= until {
-                return Err(vm_err("ownership commit not applied here in time"));
-            }
-            std::thread::sleep(Duration::from_millis(5));
+            tracing::info!(vm = %name, epoch, "migration received, running here");
+        }
+        (false, why) => {
+            tracing::warn!(vm = %name, "inbound migration failed: {}", why.unwrap_or_default());
+            ctx.stop_local(name);
         }
     }
-}
-
-fn vm_err(s: impl Into<String>) -> tern_hypervisor::migration::VmOpError {
-    tern_hypervisor::migration::VmOpError(s.into())
-}
-
-impl MigratableVm for GatedVm {
-    fn memory_bytes(&self) -> u64 {
-        self.inner.memory_bytes()
-    }
-    fn vcpus(&self) -> u32 {
-        self.inner.vcpus()
-    }
-    fn config(&self) -> String {
-        self.inner.config()
-    }
-    fn cpu_features(&self) -> Vec<u32> {
-        self.inner.cpu_features()
-    }
-    fn read_page(&self, pfn: u64, out: &mut [u8]) -> VmResult<()> {
-        self.inner.read_page(pfn, out)
-    }
-    fn write_page(&self, pfn: u64, data: &[u8]) -> VmResult<()> {
-        self.inner.write_page(pfn, data)
-    }
-    fn touched_pages(&self) -> VmResult<PageBitmap> {
-        self.inner.touched_pages()
-    }
-    fn start_dirty_log(&self) -> VmResult<()> {
-        self.inner.start_dirty_log()
-    }
-    fn take_dirty_bitmap(&self) -> VmResult<PageBitmap> {
-        self.inner.take_dirty_bitmap()
-    }
-    fn stop_dirty_log(&self) -> VmResult<()> {
-        self.inner.stop_dirty_log()
-    }
-    fn set_throttle(&self, percent: u8) -> VmResult<()> {
-        self.inner.set_throttle(percent)
-    }
-    fn pause(&self) -> VmResult<()> {
-        self.inner.pause()
-    }
-    /// The switchover point on this side: never run before the commit names this host.
-    fn resume(&self) -> VmResult<()> {
-        self.wait_for_ownership()?;
-        let ds = self.ctx.datastore().map_err(|e| vm_err(e.to_string()))?;
-        let lock = ds
-            .lock_within(&self.vm, Duration::from_secs(5))
-            .map_err(|e| vm_err(format!("{e:#}")))?;
-        *self.lock.lock().unwrap_or_else(|p| p.into_inner()) = Some(lock);
-        self.inner.resume()
-    }
-    fn save_state(&self) -> VmResult<Vec<u8>> {
-        self.inner.save_state()
-    }
-    fn restore_state(&self, state: &[u8]) -> VmResult<()> {
-        self.inner.restore_state(state)
-    }
-    fn guest_max_stall_us(&self) -> Option<u64> {
-        self.inner.guest_max_stall_us()
-    }
+    ctx.arriving_remove(name);
+    let state = ctx.state();
+    ctx.reconcile_now(&state);
 }

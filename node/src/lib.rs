@@ -39,6 +39,7 @@ mod raft_rpc;
 pub mod sched_view;
 pub mod schedules;
 pub mod supervisor;
+pub mod vmm_watch;
 pub mod vms;
 
 use std::path::PathBuf;
@@ -102,7 +103,9 @@ pub async fn serve(cfg: NodeConfig) -> anyhow::Result<()> {
         None => None,
     };
     let ip = listener.local_addr()?.ip().to_string();
-    let ctx = host::HostCtx::new(cfg.id, cluster.clone(), node.clone(), datastore, ip);
+    let binary = std::env::current_exe().context("locating the tern binary for VMMs")?;
+    let vmms = supervisor::Supervisor::new(&cfg.data, binary, cfg.id);
+    let ctx = host::HostCtx::new(cfg.id, cluster.clone(), node.clone(), datastore, ip, vmms);
     if cfg.datastore.is_some() {
         enforce_pools(&ctx, &cfg);
     }
@@ -148,8 +151,16 @@ pub async fn serve(cfg: NodeConfig) -> anyhow::Result<()> {
         info.capacity.cpus = c;
     }
     tokio::spawn(register_loop(cluster, cfg.id, addr, info));
-    tokio::spawn(host::reconcile_loop(ctx.clone()));
-    tokio::spawn(outbound::executor_loop(ctx.clone()));
+    // VMMs a previous run of this node left are adopted before anything else touches VMs.
+    let vm_ctx = ctx.clone();
+    tokio::spawn(async move {
+        if vm_ctx.datastore.is_some() {
+            vmm_watch::adopt(vm_ctx.clone()).await;
+        }
+        tokio::spawn(vmm_watch::watch_loop(vm_ctx.clone()));
+        tokio::spawn(host::reconcile_loop(vm_ctx.clone()));
+        outbound::executor_loop(vm_ctx).await;
+    });
     let liveness = liveness::LivenessConfig {
         not_responding_after_ms: 3 * cfg.load_interval.as_millis() as u64,
         down_after_ms: (cfg.host_down_after.as_millis() as u64)

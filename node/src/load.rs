@@ -1,5 +1,5 @@
-//! Load reporting: each node samples its VMs (vCPU-thread CPU time, touched memory, the
-//! guest's write rate) every interval and reports them to the leader, which keeps a window.
+//! Load reporting: each node reads its VMs' load from their VMMs (vCPU-thread CPU time,
+//! touched memory, the guest's write rate) every interval and reports them to the leader, which keeps a window.
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -13,31 +13,43 @@ pub struct LoadReport {
     pub vms: HashMap<String, VmLoad>,
 }
 
-/// Previous sample of one VM: (when, vCPU CPU seconds, pages written).
-type Prev = HashMap<String, (Instant, f64, u64)>;
+/// Previous sample of one VM: (when, vCPU CPU ns, pages written).
+type Prev = HashMap<String, (Instant, u64, u64)>;
 
+/// Each local VM's load over the interval since the previous sample, from its VMM's status
+/// (VMs in the middle of a migration are left out: their figures belong to the migration).
 fn sample(ctx: &HostCtx, prev: &mut Prev) -> HashMap<String, VmLoad> {
-    let now = Instant::now();
+    let names: Vec<String> = ctx
+        .vms()
+        .iter()
+        .filter(|(_, l)| !l.migrating)
+        .map(|(n, _)| n.clone())
+        .collect();
+    prev.retain(|name, _| names.contains(name));
     let mut out = HashMap::new();
-    let vms = ctx.vms();
-    prev.retain(|name, _| vms.contains_key(name));
-    for (name, local) in vms.iter().filter(|(_, l)| !l.migrating) {
-        let vm = local.vm.lock();
-        let cpu: f64 = vm.vcpu_cpu_times().iter().map(|d| d.as_secs_f64()).sum();
-        let written = vm.guest_status().map_or(0, |s| s.pages_written);
-        let touched = vm.memory().touched_pages().unwrap_or(0);
-        if let Some((t, c, w)) = prev.get(name) {
+    for name in names {
+        let s = match ctx.vmm_status(&name) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::debug!(vm = %name, "no load sample: {e:#}");
+                continue;
+            }
+        };
+        let now = Instant::now();
+        let cpu = s.load.vcpu_cpu_ns;
+        let written = s.guest.as_ref().map_or(0, |g| g.pages_written);
+        if let Some((t, c, w)) = prev.get(&name) {
             let dt = (now - *t).as_secs_f64().max(1e-3);
             out.insert(
                 name.clone(),
                 VmLoad {
-                    cpu_percent: (cpu - c).max(0.0) / dt * 100.0,
-                    active_mib: (touched * 4096) >> 20,
+                    cpu_percent: cpu.saturating_sub(*c) as f64 / 1e9 / dt * 100.0,
+                    active_mib: s.load.touched_bytes >> 20,
                     dirty_mib_s: written.saturating_sub(*w) as f64 * 4096.0 / dt / 1048576.0,
                 },
             );
         }
-        prev.insert(name.clone(), (now, cpu, written));
+        prev.insert(name, (now, cpu, written));
     }
     out
 }
@@ -55,14 +67,13 @@ pub async fn report_loop(ctx: Arc<HostCtx>, every: Duration) {
     loop {
         tokio::time::sleep(every).await;
         let c = ctx.clone();
-        let (vms, p) = match tokio::task::spawn_blocking(move || {
+        let Ok((vms, p)) = tokio::task::spawn_blocking(move || {
             let v = sample(&c, &mut prev);
             (v, prev)
         })
         .await
-        {
-            Ok(r) => r,
-            Err(_) => return,
+        else {
+            return;
         };
         prev = p;
         for (name, l) in &vms {

@@ -9,9 +9,9 @@ use tern_consensus::state::{
     Command, CommandError, MigrationTask, TaskId, TaskState, TaskStats, VmState,
 };
 use tern_consensus::{Applied, ClusterState};
-use tern_hypervisor::migration::{
-    migrate, CancelToken, MigrationConfig, MigrationError, MigrationStats, Phase, Progress,
-};
+use tern_hypervisor::migration::CancelToken;
+use tern_hypervisor::vmm::protocol::{MigrationView, Tuning};
+use tern_hypervisor::vmm::{GateDecision, Request, VmmState};
 
 use super::error::ServiceError;
 use super::host::{HostCtx, TaskProgress};
@@ -124,6 +124,48 @@ fn fenced(ctx: &HostCtx, vm: &str, epoch: u64, unknown: &ServiceError) -> Result
     ))
 }
 
+/// The answer for a source VMM waiting at its switchover gate. The lease is written before
+/// the answer: the side that may run the VM next finds it naming itself at the new epoch.
+fn gate_decision(
+    ctx: &HostCtx,
+    vm: &str,
+    epoch: u64,
+    to: u64,
+    cancel: &CancelToken,
+) -> GateDecision {
+    if cancel.is_cancelled() {
+        return GateDecision::Refused {
+            reason: "cancelled".into(),
+            epoch: None,
+        };
+    }
+    let lease = |owner: u64, epoch: u64| {
+        let written = ctx
+            .datastore()
+            .and_then(|ds| ds.write_lease(vm, owner, epoch));
+        if let Err(e) = written {
+            // The new owner's node writes it too once it applies the commit.
+            tracing::warn!(vm, "lease not written: {e:#}");
+        }
+    };
+    match switchover(ctx, vm, epoch, to) {
+        Ok(()) => {
+            lease(to, epoch + 1);
+            GateDecision::Committed
+        }
+        Err(reason) => {
+            let fenced = ctx.vms().get(vm).map(|l| l.epoch).filter(|&e| e > epoch);
+            if let Some(e) = fenced {
+                lease(ctx.id, e);
+            }
+            GateDecision::Refused {
+                reason,
+                epoch: fenced,
+            }
+        }
+    }
+}
+
 /// Executor loop: on every committed change (and once a second), cancel what was cancelled and
 /// start what may start.
 pub async fn executor_loop(ctx: Arc<HostCtx>) {
@@ -189,7 +231,37 @@ fn run_task(ctx: &Arc<HostCtx>, task: MigrationTask, cancel: &CancelToken) {
         return;
     }
     tracing::info!(task = task.id, vm = %task.vm, to = task.to, "migration started");
-    let (state, stats, error) = match execute(ctx, &task, cancel) {
+    let result = execute(ctx, &task, cancel);
+    conclude(ctx, &task, cancel, result);
+}
+
+/// After a node restart, carry on with task `task` of this host that was running: its source
+/// VMM kept migrating (and waits at its gate for this node), or it has to be failed.
+pub fn carry_on(ctx: &Arc<HostCtx>, task: MigrationTask) {
+    let token = CancelToken::new();
+    ctx.cancels
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .insert(task.id, token.clone());
+    let (ctx, task) = (ctx.clone(), task.clone());
+    std::thread::spawn(move || {
+        tracing::info!(task = task.id, vm = %task.vm, "carrying on with the migration");
+        let result = resume(&ctx, &task, &token);
+        conclude(&ctx, &task, &token, result);
+        ctx.cancels
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&task.id);
+        ctx.progress
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&task.id);
+    });
+}
+
+/// Commit how task `task` ended.
+fn conclude(ctx: &HostCtx, task: &MigrationTask, cancel: &CancelToken, result: TaskResult) {
+    let (state, stats, error) = match result {
         Ok(s) => (TaskState::Succeeded, Some(s), None),
         Err((s, e)) => {
             let st = if cancel.is_cancelled() {
@@ -222,15 +294,6 @@ fn run_task(ctx: &Arc<HostCtx>, task: MigrationTask, cancel: &CancelToken) {
     }
 }
 
-fn stats_of(s: &MigrationStats) -> TaskStats {
-    TaskStats {
-        downtime_us: s.downtime.as_micros() as u64,
-        total_ms: s.total.as_millis() as u64,
-        bytes: s.bytes_sent,
-        rounds: s.rounds,
-    }
-}
-
 type TaskResult = Result<TaskStats, (Option<TaskStats>, String)>;
 
 fn execute(ctx: &Arc<HostCtx>, task: &MigrationTask, cancel: &CancelToken) -> TaskResult {
@@ -260,108 +323,168 @@ fn execute(ctx: &Arc<HostCtx>, task: &MigrationTask, cancel: &CancelToken) -> Ta
             .map(|_| TaskStats::default())
             .map_err(|e| fail(e.to_string()));
     }
-    let vm = {
+    {
         let mut vms = ctx.vms();
         let local = vms
             .get_mut(&task.vm)
             .filter(|l| l.epoch == epoch && !l.migrating)
             .ok_or_else(|| fail(format!("vm {} is not running on this host", task.vm)))?;
         local.migrating = true;
-        local.vm.clone()
-    };
-    let result = stream(ctx, task, &vm, epoch, cancel);
-    match &result {
-        Ok(_) | Err(MigrationError::OutcomeUnknown(_)) => {
+    }
+    let result = start(ctx, task).and_then(|()| drive(ctx, task, epoch, cancel));
+    finish(ctx, task, result)
+}
+
+/// After a node restart: carry on with a migration the VMM kept running (`Running` task of
+/// this host).
+pub fn resume(ctx: &Arc<HostCtx>, task: &MigrationTask, cancel: &CancelToken) -> TaskResult {
+    let epoch = ctx
+        .vms()
+        .get(&task.vm)
+        .map(|l| l.epoch)
+        .ok_or_else(|| (None, format!("vm {} has no VMM on this host", task.vm)))?;
+    let result = drive(ctx, task, epoch, cancel);
+    finish(ctx, task, result)
+}
+
+/// What a migration ended with: stats, or (migrated away but not confirmed, error).
+type Outcome = Result<TaskStats, (bool, String)>;
+
+fn finish(ctx: &Arc<HostCtx>, task: &MigrationTask, result: Outcome) -> TaskResult {
+    match result {
+        Ok(s) => {
+            // The VM runs on the destination: this VMM holds no VM any more.
+            ctx.stop_local(&task.vm);
+            Ok(s)
+        }
+        Err((true, e)) => {
             // Ownership was committed to the destination: this paused copy must never run.
             ctx.stop_local(&task.vm);
+            Err((
+                None,
+                format!(
+                    "ownership committed to host {} but its resume was not confirmed: {e}",
+                    task.to
+                ),
+            ))
         }
-        Err(_) => {
+        Err((false, e)) => {
             if let Some(l) = ctx.vms().get_mut(&task.vm) {
                 l.migrating = false;
             }
+            Err((None, e))
         }
-    }
-    match result {
-        Ok(s) => Ok(stats_of(&s)),
-        Err(MigrationError::OutcomeUnknown(e)) => Err(fail(format!(
-            "ownership committed to host {} but its resume was not confirmed: {e}",
-            task.to
-        ))),
-        Err(e) => Err(fail(e.to_string())),
     }
 }
 
-fn stream(
-    ctx: &Arc<HostCtx>,
-    task: &MigrationTask,
-    vm: &Arc<tern_hypervisor::migration::KvmMigratable>,
-    epoch: u64,
-    cancel: &CancelToken,
-) -> Result<MigrationStats, MigrationError> {
+/// Prepare the destination (a receiving VMM there) and tell this VM's VMM to stream to it.
+fn start(ctx: &Arc<HostCtx>, task: &MigrationTask) -> Result<(), (bool, String)> {
+    let refused = |e: String| Err((false, e));
     let state = ctx.state();
-    let dest = state
-        .hosts
-        .get(&task.to)
-        .ok_or_else(|| MigrationError::Refused(format!("host {} is gone", task.to)))?;
-    let reply: PrepareReply = ctx
-        .handle
-        .block_on(ctx.cluster.post_json(
-            &dest.address,
-            "/v1/migrations/prepare",
-            &PrepareBody { task: task.id },
-            false,
-        ))
-        .map_err(|e| MigrationError::Refused(format!("destination: {e}")))?;
-    let addr: SocketAddr = reply
-        .listen
-        .parse()
-        .map_err(|e| MigrationError::Refused(format!("destination address: {e}")))?;
-    let cfg = MigrationConfig {
-        token: task.token.clone(),
-        downtime_target: Duration::from_millis(20),
-        io_timeout: Duration::from_secs(10),
-        bandwidth_limit: ctx
+    let Some(dest) = state.hosts.get(&task.to) else {
+        return refused(format!("host {} is gone", task.to));
+    };
+    let reply: PrepareReply = match ctx.handle.block_on(ctx.cluster.post_json(
+        &dest.address,
+        "/v1/migrations/prepare",
+        &PrepareBody { task: task.id },
+        false,
+    )) {
+        Ok(r) => r,
+        Err(e) => return refused(format!("destination: {e}")),
+    };
+    let addr: SocketAddr = match reply.listen.parse() {
+        Ok(a) => a,
+        Err(e) => return refused(format!("destination address: {e}")),
+    };
+    let tuning = Tuning {
+        downtime_ms: 20,
+        bandwidth: ctx
             .migrate_bandwidth
             .load(std::sync::atomic::Ordering::Relaxed),
-        ..Default::default()
+        streams: 0,
+        io_timeout_ms: 10_000,
     };
-    let name = task.vm.clone();
-    let to = task.to;
-    let gate_ctx = ctx.clone();
-    let gate_cancel = cancel.clone();
-    let gate = Box::new(move || {
-        if gate_cancel.is_cancelled() {
-            return Err("cancelled".to_string());
-        }
-        switchover(&gate_ctx, &name, epoch, to)?;
-        // This host no longer owns the VM: let the destination take the datastore lock.
-        if let Some(l) = gate_ctx.vms().get_mut(&name) {
-            l.lock = None;
-        }
-        Ok(())
+    let asked = ctx.vmm(&task.vm).and_then(|mut c| {
+        Ok(c.call(&Request::MigrateOut {
+            dest: addr,
+            token: task.token.clone(),
+            tuning,
+        })?)
     });
-    let id = task.id;
-    let mut on_progress = |p: &Progress| {
-        let phase = match p.phase {
-            Phase::Handshake => "handshake",
-            Phase::FirstPass => "first-pass",
-            Phase::DirtyRounds => "dirty-rounds",
-            Phase::StopAndCopy => "stop-and-copy",
-            Phase::Switchover => "switchover",
-            Phase::Done => "done",
-        };
-        ctx.progress
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(
-                id,
-                TaskProgress {
-                    phase: phase.to_string(),
-                    round: p.round,
-                    bytes_sent: p.bytes_sent,
-                    bytes_remaining: p.bytes_remaining,
-                },
-            );
+    match asked {
+        Ok(_) => Ok(()),
+        Err(e) => refused(format!("{e:#}")),
+    }
+}
+
+/// Follow the VMM's outbound migration: relay progress and cancellation, answer its switchover
+/// gate, and read how it ended.
+fn drive(ctx: &Arc<HostCtx>, task: &MigrationTask, epoch: u64, cancel: &CancelToken) -> Outcome {
+    let mut cancel_sent = false;
+    let mut failures = 0;
+    let view = loop {
+        let step = ctx.vmm(&task.vm).and_then(|mut c| {
+            if cancel.is_cancelled() && !cancel_sent {
+                cancel_sent = true;
+                if let Err(e) = c.cancel() {
+                    tracing::debug!(task = task.id, "cancel: {e}");
+                }
+            }
+            let view = c.wait_gate(Duration::from_millis(500))?;
+            if view.gate_pending {
+                record_progress(ctx, task.id, &view);
+                let decision = gate_decision(ctx, &task.vm, epoch, task.to, cancel);
+                c.gate(decision)?;
+            }
+            Ok(view)
+        });
+        match step {
+            Ok(v) if v.finished => break v,
+            Ok(v) => {
+                failures = 0;
+                record_progress(ctx, task.id, &v);
+                if v.phase.is_empty() {
+                    return Err((false, "the VMM runs no migration".into()));
+                }
+            }
+            Err(e) => {
+                failures += 1;
+                if failures >= 10 {
+                    return Err((false, format!("lost the VMM: {e:#}")));
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
     };
-    migrate(&**vm, addr, &cfg, gate, cancel, &mut on_progress)
+    record_progress(ctx, task.id, &view);
+    let away = ctx
+        .vmm_status(&task.vm)
+        .map(|s| matches!(s.state, VmmState::MigratedAway | VmmState::Handover))
+        .unwrap_or(false);
+    match (view.error, view.stats) {
+        (None, Some(s)) => Ok(TaskStats {
+            downtime_us: s.downtime_us,
+            total_ms: s.total_ms,
+            bytes: s.bytes,
+            rounds: s.rounds,
+        }),
+        (Some(e), _) => Err((away, e)),
+        (None, None) => Err((away, "the migration ended without figures".into())),
+    }
+}
+
+fn record_progress(ctx: &HostCtx, id: TaskId, v: &MigrationView) {
+    ctx.progress
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .insert(
+            id,
+            TaskProgress {
+                phase: v.phase.replace('_', "-"),
+                round: v.round,
+                bytes_sent: v.bytes_sent,
+                bytes_remaining: v.bytes_remaining,
+            },
+        );
 }

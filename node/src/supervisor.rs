@@ -49,6 +49,8 @@ pub fn verdict(me: u64, vmm: &VmmStatus, committed: Option<Committed>) -> Verdic
     match committed {
         None => Verdict::Stop(format!("vm {} is no longer in the cluster", vmm.name)),
         Some(_) if busy => Verdict::Keep,
+        // This node's view lags behind the VMM (it arrived through a commit not applied here).
+        Some(c) if c.epoch < vmm.epoch && c.running => Verdict::Keep,
         Some(_) if matches!(vmm.state, VmmState::MigratedAway | VmmState::Handover) => {
             Verdict::Stop("its VM has moved away".into())
         }
@@ -95,6 +97,8 @@ pub struct Supervisor {
     binary: PathBuf,
     owner: u64,
     procs: Mutex<HashMap<String, Tracked>>,
+    /// VMMs being started (not yet answering): a second start of the same VM is refused.
+    starting: Mutex<std::collections::HashSet<String>>,
 }
 
 impl Supervisor {
@@ -105,6 +109,7 @@ impl Supervisor {
             binary,
             owner,
             procs: Mutex::new(HashMap::new()),
+            starting: Mutex::new(Default::default()),
         }
     }
 
@@ -137,10 +142,24 @@ impl Supervisor {
     /// bad spec) is reported with its reason.
     pub fn start(&self, launch: &Launch) -> anyhow::Result<u32> {
         let name = &launch.spec.name;
-        let dir = self.run_dir(name)?;
-        if self.procs().contains_key(name) {
-            bail!("a VMM for {name} is already running here");
+        self.run_dir(name)?;
+        {
+            let mut starting = self.starting.lock().unwrap_or_else(|p| p.into_inner());
+            if self.procs().contains_key(name) || !starting.insert(name.clone()) {
+                bail!("a VMM for {name} is already running here");
+            }
         }
+        let started = self.spawn(launch);
+        self.starting
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(name);
+        started
+    }
+
+    fn spawn(&self, launch: &Launch) -> anyhow::Result<u32> {
+        let name = &launch.spec.name;
+        let dir = self.run_dir(name)?;
         std::fs::DirBuilder::new()
             .recursive(true)
             .mode(0o700)
@@ -164,6 +183,9 @@ impl Supervisor {
             cmd.args(["--memory", &format!("{}M", launch.spec.memory_mib)])
                 .args(["--vcpus", &launch.spec.vcpus.to_string()])
                 .args(["--workload", &launch.spec.workload]);
+            if let Some(d) = &launch.spec.disk {
+                cmd.arg("--disk").arg(d);
+            }
         }
         if let Some(l) = &launch.lease {
             cmd.arg("--lease").arg(l);
@@ -350,5 +372,7 @@ mod tests {
             verdict(1, &status(VmmState::MigratedAway, 4), c(1, 4, true)),
             Verdict::Stop(_)
         ));
+        // A view that has not applied the commit that brought the VM here yet keeps it.
+        assert_eq!(verdict(1, &run, c(2, 3, true)), Verdict::Keep);
     }
 }

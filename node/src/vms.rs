@@ -3,10 +3,11 @@
 use serde::{Deserialize, Serialize};
 use tern_consensus::state::{AutomationLevel, Command, VmSpec, VmState};
 use tern_consensus::{Applied, ClusterState};
+use tern_hypervisor::vmm::VmmState;
 use tern_hypervisor::{GuestStatus, Workload};
 
 use super::admission;
-use super::datastore::{DirExists, VmConfig, DEFAULT_DISK_MIB, MAX_DISK_MIB};
+use super::datastore::{DirExists, RestartPolicy, VmConfig, DEFAULT_DISK_MIB, MAX_DISK_MIB};
 use super::error::ServiceError;
 use super::host::HostCtx;
 use super::sched_view;
@@ -27,6 +28,9 @@ pub struct CreateVmBody {
     /// Size of the VM's disk on the datastore, MiB (default 1 GiB).
     #[serde(default)]
     pub disk_mib: Option<u64>,
+    /// What happens when the VM's process dies (default `always`).
+    #[serde(default)]
+    pub restart: Option<RestartPolicy>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -97,6 +101,7 @@ pub async fn create(ctx: &HostCtx, body: CreateVmBody) -> Result<CreateVmReply, 
         vcpus: body.vcpus,
         workload: workload.to_string(),
         disk_mib,
+        restart: body.restart.unwrap_or_default(),
     };
     if state.vms.contains_key(&body.name) {
         return Err(ServiceError::conflict(format!("vm {:?} exists", body.name)));
@@ -254,36 +259,47 @@ pub async fn destroy(ctx: &HostCtx, actor: String, name: String) -> Result<Appli
     Ok(applied)
 }
 
-/// The guest's status page and vCPU time, for a VM running here.
+/// The guest's status page and vCPU time, for a VM running here (asked of its VMM).
 pub fn guest_status(ctx: &HostCtx, name: &str) -> Result<GuestReply, ServiceError> {
-    let vms = ctx.vms();
-    let local = vms
+    let epoch = ctx
+        .vms()
         .get(name)
+        .map(|l| l.epoch)
         .ok_or_else(|| ServiceError::not_found(format!("{name} is not running here")))?;
-    let vm = local.vm.lock();
-    let status = vm
-        .guest_status()
-        .map_err(|e| ServiceError::unavailable(e.to_string()))?;
-    let cpu_s = vm.vcpu_cpu_times().iter().map(|d| d.as_secs_f64()).sum();
+    let st = ctx
+        .vmm_status(name)
+        .map_err(|e| ServiceError::unavailable(format!("{e:#}")))?;
+    let status = st
+        .guest
+        .ok_or_else(|| ServiceError::unavailable(format!("{name} has no guest status now")))?;
     Ok(GuestReply {
         host: ctx.id,
-        epoch: local.epoch,
+        epoch,
         status,
-        cpu_s,
+        cpu_s: st.load.vcpu_cpu_ns as f64 / 1e9,
     })
 }
 
 /// The VMs this node holds right now: the ground truth for "runs on at most one host".
 pub fn local(ctx: &HostCtx) -> Vec<LocalInfo> {
-    let vms = ctx.vms();
-    vms.iter()
+    let held: Vec<LocalInfo> = ctx
+        .vms()
+        .iter()
         .map(|(name, l)| LocalInfo {
             name: name.clone(),
             epoch: l.epoch,
-            running: l.vm.lock().run_state() == tern_hypervisor::RunState::Running,
+            running: false,
             migrating: l.migrating,
             memory_mib: l.cfg.memory_mib,
             workload: l.cfg.workload.clone(),
+        })
+        .collect();
+    held.into_iter()
+        .map(|mut info| {
+            info.running = ctx
+                .vmm_status(&info.name)
+                .is_ok_and(|s| s.state == VmmState::Running || s.state == VmmState::Migrating);
+            info
         })
         .collect()
 }

@@ -1,7 +1,7 @@
 //! `tern demo`: a three-node cluster on this machine, narrated. Real node processes, real VMs
 //! on KVM, real live migrations: DRS rebalancing, an operator's high-priority migration, a
 //! scheduled migration, a maintenance-mode evacuation and the audit trail, then checks that
-//! every guest verified its memory with zero mismatches and no VM ever ran on two hosts.
+//! every guest verified its memory and its disk blocks with zero mismatches and no VM ever ran on two hosts.
 use std::collections::{BTreeMap, HashMap};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -34,10 +34,13 @@ pub struct DemoArgs {
 
 struct Nodes {
     children: Vec<Child>,
+    /// Each node's data directory (its VMMs' run directories are under it).
+    data: Vec<std::path::PathBuf>,
     keep: bool,
 }
 
 impl Drop for Nodes {
+    /// Stop the nodes, then the VMMs they ran (which outlive their node by design).
     fn drop(&mut self) {
         if self.keep {
             return;
@@ -45,6 +48,13 @@ impl Drop for Nodes {
         for c in &mut self.children {
             let _ = c.kill();
             let _ = c.wait();
+        }
+        let exe = std::env::current_exe().unwrap_or_default();
+        for data in &self.data {
+            let vmms = tern_node::supervisor::Supervisor::new(data, exe.clone(), 0);
+            for s in vmms.adopt_all() {
+                let _ = vmms.stop(&s.name);
+            }
         }
     }
 }
@@ -65,6 +75,10 @@ struct Summary {
     first_host_vms_after_drs: usize,
     guests_verified_pages: u64,
     guest_mismatches: u64,
+    /// Disk blocks the guests verified, and mismatches or I/O errors they saw.
+    guests_verified_blocks: u64,
+    guest_disk_mismatches: u64,
+    guest_disk_io_errors: u64,
     double_runs: u64,
     seconds: f64,
     problems: Vec<String>,
@@ -151,6 +165,9 @@ fn watch_double_runs(addrs: Vec<String>, stop: Arc<AtomicBool>, count: Arc<Atomi
         }
     });
 }
+
+/// Every guest also writes, flushes and re-verifies blocks of its disk on the datastore.
+const DEMO_DISK: &str = "disk=8M,iops=200,dflush=4";
 
 const WORKLOADS: [&str; 9] = [
     "wss=16M,rate=4000,pattern=random,duty=40",
@@ -274,6 +291,7 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
         .collect::<Result<_, _>>()?;
     let mut nodes = Nodes {
         children: Vec::new(),
+        data: (1..=3).map(|id| root.join(format!("node{id}"))).collect(),
         keep: false,
     };
     n.say(format!(
@@ -347,8 +365,9 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
     let names: Vec<String> = (1..=args.vms).map(|i| format!("vm{i}")).collect();
     for (i, name) in names.iter().enumerate() {
         let w = WORKLOADS[i % WORKLOADS.len()];
+        let w = format!("{w},{DEMO_DISK}");
         let body = serde_json::json!({"name": name, "memory_mib": args.memory_mib, "vcpus": 1,
-            "workload": w, "host": 1, "actor": "demo"});
+            "workload": w, "host": 1, "actor": "demo", "disk_mib": 16});
         let _: serde_json::Value = post(&server, "/v1/vms", &body)?;
         n.say(format!("  {name}: {w}"));
     }
@@ -545,6 +564,20 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
                         .problems
                         .push(format!("{name}: {mism} mismatching pages"));
                 }
+                let d = &g["status"]["disk"];
+                let (verified, dmism, ioerr) = (
+                    d["verified"].as_u64().unwrap_or(0),
+                    d["mismatches"].as_u64().unwrap_or(u64::MAX),
+                    d["io_errors"].as_u64().unwrap_or(u64::MAX),
+                );
+                summary.guests_verified_blocks += verified;
+                summary.guest_disk_mismatches = summary.guest_disk_mismatches.saturating_add(dmism);
+                summary.guest_disk_io_errors = summary.guest_disk_io_errors.saturating_add(ioerr);
+                if dmism != 0 || ioerr != 0 || verified == 0 {
+                    summary.problems.push(format!(
+                        "{name}: disk {verified} blocks verified, {dmism} mismatches, {ioerr} I/O errors"
+                    ));
+                }
             }
             Err(e) => summary
                 .problems
@@ -571,6 +604,7 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
         println!(
             "summary: {} VMs, {} live migrations ({}), downtime mean {:.1} ms / max {:.1} ms, \
              imbalance {:.3} -> {:.3}, {} pages verified by the guests, {} mismatches, \
+             {} disk blocks verified, {} disk mismatches, {} disk I/O errors, \
              {} double runs, {:.0} s",
             summary.vms,
             summary.migrations,
@@ -586,6 +620,9 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
             summary.imbalance_after,
             summary.guests_verified_pages,
             summary.guest_mismatches,
+            summary.guests_verified_blocks,
+            summary.guest_disk_mismatches,
+            summary.guest_disk_io_errors,
             summary.double_runs,
             summary.seconds
         );
@@ -607,7 +644,20 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
         );
         println!("  tern cluster status; tern vm list; tern drs status; tern audit");
         println!("  tern migrate vm1 --to 2 --wait");
-        println!("stop it with: kill {}", pids.join(" "));
+        // The VMs are processes of their own (`tern vmm`), outliving their nodes.
+        let vmms: Vec<String> = nodes
+            .data
+            .iter()
+            .filter_map(|d| std::fs::read_dir(d.join("run").join("vms")).ok())
+            .flat_map(|dirs| dirs.flatten())
+            .filter_map(|d| tern_hypervisor::vmm::rundir::read_pid(&d.path()))
+            .map(|p| p.to_string())
+            .collect();
+        println!(
+            "stop it with: kill {}; then its VMs: kill {}",
+            pids.join(" "),
+            vmms.join(" ")
+        );
         println!("files: {}", root.display());
     }
     if !summary.ok {

@@ -23,6 +23,9 @@ pub struct VmmArgs {
     /// Guest workload, as for `tern vm run`.
     #[arg(long, default_value = "wss=64M,rate=20000,pattern=random,duty=100")]
     pub workload: String,
+    /// Raw disk image attached as virtio-blk, opened for writing only under a valid lease.
+    #[arg(long)]
+    pub disk: Option<PathBuf>,
     /// Start without a VM and wait for a `receive` request (a migration's destination).
     #[arg(long)]
     pub receive: bool,
@@ -58,6 +61,7 @@ pub fn run(args: VmmArgs) -> anyhow::Result<()> {
         memory_mib: memory >> 20,
         vcpus: args.vcpus,
         workload: args.workload.clone(),
+        disk: args.disk.clone(),
     });
     if let Some(spec) = &boot {
         vmm::protocol::validate_spec(spec).context("VM spec")?;

@@ -61,6 +61,9 @@ pub struct CreateArgs {
     /// Size of the VM's disk (a sparse raw disk.img on the datastore; K/M/G suffix, whole MiB).
     #[arg(long, default_value = "1G")]
     disk: String,
+    /// When the VM's process dies: `always` cold-boot it again on the same host, or `never`.
+    #[arg(long, default_value = "always", value_parser = ["always", "never"])]
+    restart: String,
     /// Host id to run on (default: the scheduler places it).
     #[arg(long)]
     host: Option<u64>,
@@ -78,7 +81,7 @@ pub fn run(cmd: ClusterVmCommand) -> anyhow::Result<()> {
             let body = serde_json::json!({
                 "name": a.name, "memory_mib": memory >> 20, "vcpus": a.vcpus,
                 "workload": a.workload, "pool": a.pool, "host": a.host, "actor": a.user,
-                "disk_mib": disk_mib,
+                "disk_mib": disk_mib, "restart": a.restart,
             });
             let reply: serde_json::Value = post(&a.server.server, "/v1/vms", &body)?;
             println!(

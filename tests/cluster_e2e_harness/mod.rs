@@ -27,20 +27,27 @@ impl Node {
             let _ = c.wait();
         }
     }
+
+    /// A host crash: kill -9 of the node and of every VMM it runs.
+    pub fn crash(&mut self) {
+        self.kill();
+        crate::support::kill_vmms(&self.data);
+    }
 }
 
 impl Drop for Node {
     fn drop(&mut self) {
-        self.kill();
+        self.crash();
     }
 }
 
 impl Drop for Cluster {
-    /// Kill the nodes, then remove the pool cgroups their VMs left behind.
+    /// Kill the nodes and their VMMs, then remove the pool cgroups their VMs left behind.
     fn drop(&mut self) {
         for n in &mut self.nodes {
-            n.kill();
+            n.crash();
         }
+        std::thread::sleep(Duration::from_millis(200));
         tern_node::cgroup::sweep_empty();
     }
 }

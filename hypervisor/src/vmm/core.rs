@@ -166,7 +166,7 @@ impl Vmm {
             } => self.receive(
                 listen,
                 token,
-                expected,
+                *expected,
                 epoch,
                 accept_timeout_ms.map_or(ACCEPT_TIMEOUT, Duration::from_millis),
             ),
@@ -196,8 +196,14 @@ impl Vmm {
             (i.vm.clone(), status)
         };
         if let Some(vm) = vm {
-            let mem = vm.lock().memory().clone();
+            let (mem, ns) = {
+                let v = vm.lock();
+                let ns: u128 = v.vcpu_cpu_times().iter().map(|d| d.as_nanos()).sum();
+                (v.memory().clone(), ns as u64)
+            };
             status.guest = GuestStatus::read(&mem).ok();
+            // Live, so that a client can compute CPU use over its own interval.
+            status.load.vcpu_cpu_ns = ns;
         }
         status
     }
@@ -540,12 +546,15 @@ impl Vmm {
             if wire.vm.memory_mib << 20 != h.spec.memory_bytes || wire.vm.vcpus != h.spec.vcpus {
                 return Err("VM config disagrees with the memory layout".into());
             }
-            let vm = Vm::new(VmConfig {
+            // The disk is opened only under an epoch no newer lease has overtaken.
+            guard.check_not_stale().map_err(to_string)?;
+            let mut vm = Vm::new(VmConfig {
                 memory: h.spec.memory_bytes,
                 vcpus: h.spec.vcpus as usize,
                 serial_log: serial_log.clone(),
             })
             .map_err(to_string)?;
+            attach_disk(&mut vm, expected).map_err(to_string)?;
             Ok(GuardedVm::new(
                 KvmMigratable::new(vm, h.spec.config.clone()),
                 guard.clone(),
@@ -646,7 +655,18 @@ fn host_cpu() -> Result<(Vec<u32>, String), String> {
     Ok((feature_words(&f), f.vendor.clone()))
 }
 
-/// Create and boot the test guest for `spec`.
+/// Attach the spec's disk, if it has one, for writing.
+fn attach_disk(vm: &mut Vm, spec: &VmSpec) -> Result<(), VmmError> {
+    if let Some(path) = &spec.disk {
+        vm.attach_disk(&crate::devices::virtio::DiskConfig {
+            path: path.clone(),
+            read_only: false,
+        })?;
+    }
+    Ok(())
+}
+
+/// Create and boot the test guest for `spec` (the lease was checked: the disk may be opened).
 fn boot(
     spec: &VmSpec,
     guard: &Arc<LeaseGuard>,
@@ -670,6 +690,7 @@ fn boot(
         vcpus: spec.vcpus as usize,
         serial_log,
     })?;
+    attach_disk(&mut vm, spec)?;
     vm.boot(crate::guest_image::IMAGE, &workload.cmdline())?;
     let wire = serde_json::to_string(&WireSpec {
         vm: spec.clone(),

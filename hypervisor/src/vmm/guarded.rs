@@ -37,6 +37,17 @@ impl LeaseGuard {
         self.epoch.store(epoch, Ordering::SeqCst);
     }
 
+    /// Refuse when a lease newer than this VMM's epoch exists (another host took the VM on):
+    /// checked before the disk is opened on a migration's destination, whose own epoch the
+    /// lease reaches only at the switchover.
+    pub fn check_not_stale(&self) -> Result<(), LeaseError> {
+        let Some(p) = &self.path else { return Ok(()) };
+        match lease::check(p, self.owner, self.epoch()) {
+            Err(LeaseError::NotYet { .. }) | Ok(()) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
     /// May this VMM run the VM now? Waits up to `wait` for a lease that has not caught up.
     pub fn check(&self, wait: Duration) -> Result<(), LeaseError> {
         match &self.path {

@@ -26,6 +26,9 @@ pub struct VmSpec {
     pub memory_mib: u64,
     pub vcpus: u32,
     pub workload: String,
+    /// Raw disk image attached as virtio-blk (the VM's `disk.img` on the shared datastore).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk: Option<std::path::PathBuf>,
 }
 
 /// Tuning of an outbound migration (everything else is the migration module's default).
@@ -80,7 +83,7 @@ pub enum Request {
     Receive {
         listen: SocketAddr,
         token: String,
-        expected: VmSpec,
+        expected: Box<VmSpec>,
         epoch: u64,
         #[serde(default)]
         accept_timeout_ms: Option<u64>,
@@ -146,7 +149,7 @@ pub struct Load {
     pub dirty_bytes_per_s: f64,
     /// Guest memory ever touched, bytes.
     pub touched_bytes: u64,
-    /// Total vCPU-thread CPU time, nanoseconds.
+    /// Total vCPU-thread CPU time, nanoseconds (read live at each `status`).
     pub vcpu_cpu_ns: u64,
 }
 
@@ -389,6 +392,7 @@ mod tests {
             memory_mib: 256,
             vcpus: 2,
             workload: "wss=32M".into(),
+            disk: None,
         }
     }
 
@@ -408,7 +412,7 @@ mod tests {
             Request::Receive {
                 listen: "127.0.0.1:0".parse().unwrap(),
                 token: "t".into(),
-                expected: spec(),
+                expected: Box::new(spec()),
                 epoch: 3,
                 accept_timeout_ms: Some(500),
             },
@@ -452,7 +456,7 @@ mod tests {
         let r = Request::Receive {
             listen: "127.0.0.1:0".parse().unwrap(),
             token: String::new(),
-            expected: bad,
+            expected: Box::new(bad),
             epoch: 1,
             accept_timeout_ms: None,
         };
