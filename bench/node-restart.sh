@@ -67,10 +67,19 @@ for r in $(seq 1 "$RUNS"); do
   vmms_before=$(vmm_pids | sort | tr '\n' ' ')
   kill -9 "$node_pid"
   t0=$(date +%s%N)
+  # The old process must be gone (its listening socket closed) before the new one binds.
+  while [ -e "/proc/$node_pid" ]; do sleep 0.01; done
   start_node
-  until [ "$(curl -sf "$addr/v1/local" 2>/dev/null | jq '[.[] | select(.running)] | length' 2>/dev/null)" = "$VMS" ]; do sleep 0.05; done
+  deadline=$(( $(date +%s) + 120 ))
+  until [ "$(curl -sf "$addr/v1/local" 2>/dev/null | jq '[.[] | select(.running)] | length' 2>/dev/null)" = "$VMS" ]; do
+    [ "$(date +%s)" -lt "$deadline" ] || { echo "node did not report $VMS VMs (log: $dir/n1.log)" >&2; tail -5 "$dir/n1.log" >&2; exit 1; }
+    sleep 0.05
+  done
   for v in $(seq 1 "$VMS"); do
-    until [ "$(written "$v")" -gt "${w0[$v]}" ]; do sleep 0.05; done
+    until [ "$(written "$v")" -gt "${w0[$v]}" ]; do
+      [ "$(date +%s)" -lt "$deadline" ] || { echo "vm$v made no progress" >&2; exit 1; }
+      sleep 0.05
+    done
   done
   t1=$(date +%s%N)
   after=$(stalls)

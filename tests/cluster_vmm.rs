@@ -83,6 +83,12 @@ fn node_kill_9_leaves_guests_running_and_the_restarted_node_carries_on() {
     wait_for("migration running", Duration::from_secs(20), || {
         get(&c.addr(2), "/v1/tasks/0/progress").filter(|p| p["bytes_sent"].as_u64() > Some(1 << 20))
     });
+    // The guests' largest stall so far (since boot; a busy 2-core machine sets it): the kill
+    // and restart of the node must not add one of 50 ms or more.
+    let stalls_before: Vec<u64> = ["a", "b"]
+        .iter()
+        .map(|v| stall_us(&c.guest(v, 2).unwrap()))
+        .collect();
     let before: Vec<u64> = ["a", "b"]
         .iter()
         .map(|v| {
@@ -103,16 +109,16 @@ fn node_kill_9_leaves_guests_running_and_the_restarted_node_carries_on() {
     let restarted = Instant::now();
     c.start_node(2, Some(&c.addr(1)));
     // The restarted node reports every VM again, with guests that went on writing.
-    for (vm, was) in ["a", "b"].iter().zip(&before) {
+    for ((vm, was), stall0) in ["a", "b"].iter().zip(&before).zip(&stalls_before) {
         let g = wait_for(&format!("{vm} re-adopted"), Duration::from_secs(40), || {
             c.guest(vm, 2)
                 .filter(|g| g["status"]["pages_written"].as_u64() > Some(*was))
         });
         assert_eq!(g["status"]["mismatches"], json!(0), "{g}");
+        let stall = stall_us(&g);
         assert!(
-            stall_us(&g) < 50_000,
-            "{vm} stalled {} us: {g}",
-            stall_us(&g)
+            stall < 50_000 || stall == *stall0,
+            "{vm} stalled {stall} us across the node restart (before: {stall0} us): {g}"
         );
         assert_eq!(
             vmm_pid(&c, 2, vm),

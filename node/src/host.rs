@@ -13,9 +13,8 @@ use std::time::Duration;
 use anyhow::Context;
 use tern_consensus::state::{TaskId, VmState};
 use tern_consensus::{ClusterState, ConsensusNode};
-use tern_hypervisor::migration::{feature_words, CancelToken};
+use tern_hypervisor::migration::CancelToken;
 use tern_hypervisor::vmm::{Client, VmSpec, VmmStatus};
-use tern_hypervisor::Vm;
 
 use super::admission;
 use super::cgroup::{Cgroups, PoolLimits, VmCgroup};
@@ -61,7 +60,6 @@ pub struct HostCtx {
     arriving: Mutex<HashSet<String>>,
     pub cancels: Mutex<HashMap<TaskId, CancelToken>>,
     pub progress: Mutex<HashMap<TaskId, TaskProgress>>,
-    cpu: std::sync::OnceLock<Option<(Vec<u32>, String)>>,
     /// The leader's load window and last DRS pass (used while this node leads).
     pub leader: LeaderState,
     /// Bandwidth cap per outbound migration in bytes/s (0 = none).
@@ -106,7 +104,6 @@ impl HostCtx {
             arriving: Mutex::new(HashSet::new()),
             cancels: Mutex::new(HashMap::new()),
             progress: Mutex::new(HashMap::new()),
-            cpu: std::sync::OnceLock::new(),
             leader: Default::default(),
             migrate_bandwidth: Default::default(),
             cgroups: std::sync::OnceLock::new(),
@@ -148,29 +145,6 @@ impl HostCtx {
 
     pub fn state(&self) -> Arc<ClusterState> {
         self.node.local_view().state
-    }
-
-    /// CPU feature words and vendor a VM on this host sees (probed once with a tiny VM).
-    pub fn cpu(&self) -> Option<(Vec<u32>, String)> {
-        self.cpu
-            .get_or_init(|| {
-                let probe = Vm::new(tern_hypervisor::VmConfig {
-                    memory: 32 << 20,
-                    vcpus: 1,
-                    serial_log: None,
-                });
-                match probe {
-                    Ok(vm) => {
-                        let f = vm.cpu_features();
-                        Some((feature_words(&f), f.vendor.clone()))
-                    }
-                    Err(e) => {
-                        tracing::warn!("no KVM on this host: {e}");
-                        None
-                    }
-                }
-            })
-            .clone()
     }
 
     /// Put a VMM process in its pool's cgroups (VMs in no pool stay as they were).
