@@ -1,8 +1,21 @@
 //! A validated, indexed snapshot with entitlements computed: what every planner reads.
 use crate::entitlement::{divvy_tree, Node, Resource};
 use crate::error::SnapshotError;
-use crate::model::{HostRuleMode, HostState, Rule, Snapshot};
+use crate::model::{HostRuleMode, HostState, InFlight, Rule, Snapshot};
 use std::collections::HashMap;
+
+/// What may change about one VM between two passes over the same cluster (see
+/// [`Cluster::refresh`]). Hosts are given by their index in the snapshot's host list.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct VmUpdate {
+    pub host: usize,
+    pub cpu_demand_mhz: f64,
+    pub dirty_rate_mib_s: f64,
+    pub do_not_migrate: bool,
+    pub last_migrated_s: Option<f64>,
+    /// The host it is migrating to, if a migration is in flight.
+    pub in_flight_to: Option<usize>,
+}
 
 /// A rule with ids resolved to indexes.
 #[derive(Debug, Clone)]
@@ -28,6 +41,9 @@ pub struct Cluster {
     pub(crate) rules: Vec<RuleIx>,
     /// Rules each VM appears in.
     pub(crate) vm_rules: Vec<Vec<usize>>,
+    /// Parent pool of each pool and pool of each VM (for entitlements on refresh).
+    pool_parent: Vec<Option<usize>>,
+    vm_pool: Vec<Option<usize>>,
 }
 
 impl Cluster {
@@ -257,7 +273,105 @@ impl Cluster {
             group_has,
             rules,
             vm_rules,
+            pool_parent,
+            vm_pool,
         })
+    }
+
+    /// Brings the cluster to the next pass without building it again: the clock, every
+    /// host's state and every VM's host, demand, dirty rate, pinning, last migration and
+    /// in-flight move, in snapshot order. Ids, capacities, pools, groups and rules stay as
+    /// they are. The same checks as [`Cluster::new`] apply to what changes; on an error the
+    /// cluster is left unchanged. O(hosts + VMs) with no allocation per VM, where building
+    /// from a snapshot hashes every id: for a caller that plans on a large fleet every few
+    /// minutes (the fleet simulator).
+    pub fn refresh(
+        &mut self,
+        now_s: f64,
+        host_states: &[HostState],
+        vms: &[VmUpdate],
+    ) -> Result<(), SnapshotError> {
+        let (nh, nv) = (self.snap.hosts.len(), self.snap.vms.len());
+        for (what, expected, got) in [("hosts", nh, host_states.len()), ("vms", nv, vms.len())] {
+            if expected != got {
+                return Err(SnapshotError::CountMismatch {
+                    what,
+                    expected,
+                    got,
+                });
+            }
+        }
+        if !now_s.is_finite() {
+            return Err(SnapshotError::BadNumber {
+                owner: "snapshot".into(),
+                field: "now_s",
+                value: now_s,
+            });
+        }
+        for (u, v) in vms.iter().zip(&self.snap.vms) {
+            let owner = || format!("vm {:?}", v.id);
+            for (field, value) in [
+                ("cpu_demand_mhz", u.cpu_demand_mhz),
+                ("dirty_rate_mib_s", u.dirty_rate_mib_s),
+            ] {
+                if !(value.is_finite() && value >= 0.0) {
+                    return Err(SnapshotError::BadNumber {
+                        owner: owner(),
+                        field,
+                        value,
+                    });
+                }
+            }
+            if let Some(t) = u.last_migrated_s.filter(|t| !t.is_finite()) {
+                return Err(SnapshotError::BadNumber {
+                    owner: owner(),
+                    field: "last_migrated_s",
+                    value: t,
+                });
+            }
+            for h in [Some(u.host), u.in_flight_to].into_iter().flatten() {
+                if h >= nh {
+                    return Err(SnapshotError::UnknownId {
+                        owner: owner(),
+                        kind: "host",
+                        id: format!("#{h}"),
+                    });
+                }
+            }
+            if u.in_flight_to == Some(u.host) {
+                return Err(SnapshotError::InFlightToSelf {
+                    vm: v.id.clone(),
+                    to: self.snap.hosts[u.host].id.clone(),
+                });
+            }
+        }
+        self.snap.now_s = now_s;
+        for (h, &state) in self.snap.hosts.iter_mut().zip(host_states) {
+            h.state = state;
+        }
+        self.snap.in_flight.clear();
+        for (i, u) in vms.iter().enumerate() {
+            let v = &mut self.snap.vms[i];
+            if self.vm_host[i] != u.host {
+                v.host.clone_from(&self.snap.hosts[u.host].id);
+                self.vm_host[i] = u.host;
+            }
+            v.cpu_demand_mhz = u.cpu_demand_mhz;
+            v.dirty_rate_mib_s = u.dirty_rate_mib_s;
+            v.do_not_migrate = u.do_not_migrate;
+            v.last_migrated_s = u.last_migrated_s;
+            self.in_flight_to[i] = u.in_flight_to;
+            if let Some(to) = u.in_flight_to {
+                self.snap.in_flight.push(InFlight {
+                    vm: v.id.clone(),
+                    to: self.snap.hosts[to].id.clone(),
+                });
+            }
+        }
+        let (cpu_ent, mem_ent) = entitlements(&self.snap, &self.pool_parent, &self.vm_pool);
+        self.cpu_ent = cpu_ent;
+        self.mem_ent = mem_ent;
+        Ok(())
     }
 
     /// The snapshot this cluster was built from.

@@ -39,6 +39,12 @@ pub enum SnapshotError {
     BadRule { rule: String, problem: String },
     #[error("vm {vm:?} is in flight to {to:?}, the host it already runs on")]
     InFlightToSelf { vm: String, to: String },
+    #[error("refresh gives {got} {what}, the cluster has {expected}")]
+    CountMismatch {
+        what: &'static str,
+        expected: usize,
+        got: usize,
+    },
 }
 
 /// Why a request on a valid snapshot could not be answered.

@@ -22,7 +22,7 @@ mod queue;
 mod rank;
 
 pub use balance::balance;
-pub use cluster::Cluster;
+pub use cluster::{Cluster, VmUpdate};
 pub use error::{SchedError, SnapshotError};
 pub use evacuate::{evacuate, Evacuation};
 pub use model::{

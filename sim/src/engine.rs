@@ -37,7 +37,12 @@ impl Ord for Completion {
 pub struct Engine<'f> {
     pub c: Cluster<'f>,
     acc: Accum,
+    /// Time of the last update of the whole fleet.
     last_t: f64,
+    /// Per host and per VM: the time up to which it has been charged to the metrics. Equal
+    /// to `last_t` except for hosts updated on their own at a migration completion.
+    host_t: Vec<f64>,
+    vm_t: Vec<f64>,
     inflight: BinaryHeap<Completion>,
     /// When each VM's latest migration started.
     started_at: Vec<f64>,
@@ -63,6 +68,8 @@ pub fn run(
         c: Cluster::new(fleet, policy.history_len()),
         acc: Accum::default(),
         last_t: 0.0,
+        host_t: vec![0.0; fleet.hosts.len()],
+        vm_t: vec![0.0; fleet.vms.len()],
         inflight: BinaryHeap::new(),
         started_at: vec![f64::NAN; fleet.vms.len()],
         seq: 0,
@@ -137,13 +144,32 @@ impl<'f> Engine<'f> {
         }
     }
 
+    /// Completes the migrations that end at `at`. Under CloudSim's engine every host is
+    /// updated (CloudSim updates the whole datacentre at each event); otherwise only the
+    /// hosts the migrations touch are, so a completion costs O(VMs on them), not O(fleet).
     fn complete_at(&mut self, at: f64) {
-        self.update_all(at, false);
+        let mut done = Vec::new();
         while let Some(m) = self.inflight.peek().copied() {
             if m.at != at {
                 break;
             }
             self.inflight.pop();
+            done.push(m);
+        }
+        let local = !self.c.fleet.cloudsim_engine;
+        let mut touched = Vec::new();
+        if local {
+            for m in &done {
+                let vm = &self.c.vms[m.vm];
+                touched.extend([Some(m.to), vm.host, vm.dest].into_iter().flatten());
+            }
+            touched.sort_unstable();
+            touched.dedup();
+            self.update_hosts(&touched, at);
+        } else {
+            self.update_all(at, false);
+        }
+        for m in done {
             if self.c.vms[m.vm].dest != Some(m.to) {
                 // Cancelled by a host failure, or the first of CloudSim's two simultaneous
                 // migrations of one VM (see start): the destination lets the VM go.
@@ -164,7 +190,11 @@ impl<'f> Engine<'f> {
             vm.dest = None;
             vm.in_migration = false;
         }
-        self.update_all(at, false);
+        if local {
+            self.update_hosts(&touched, at);
+        } else {
+            self.update_all(at, false);
+        }
     }
 
     fn host_event(
@@ -274,61 +304,17 @@ impl<'f> Engine<'f> {
     /// Advances the clock to `t`: charges the interval since the last update to the metrics,
     /// then takes every VM's new demand and recomputes every host.
     fn update_all(&mut self, t: f64, tick: bool) {
-        let dt = t - self.last_t;
         let c = &mut self.c;
-        if dt > 0.0 {
-            for h in &c.hosts {
-                if h.util_mips > 0.0 {
-                    self.acc.host_active_s += dt;
-                    if h.util_mips < h.req_mips {
-                        self.acc.host_short_s += dt;
-                    }
-                }
-            }
-            // Before the first update VMs have no measured share yet (CloudSim starts its
-            // per-VM history at the first tick), so the first interval is not charged.
-            for vm in c.vms.iter().filter(|_| self.last_t > 0.0) {
-                self.acc.vm_requested += vm.req_mips * dt;
-                self.acc.vm_allocated += vm.alloc_mips * dt;
-                if vm.in_migration {
-                    self.acc.vm_short_in_migration += (vm.req_mips - vm.alloc_mips) * dt;
-                }
-                let entitled = if vm.in_migration {
-                    0.9 * vm.req_mips
-                } else {
-                    vm.req_mips
-                };
-                self.acc.vm_short_contention += (entitled - vm.alloc_mips).max(0.0) * dt;
-            }
-            for (v, vm) in c.vms.iter_mut().enumerate() {
-                let vs = &c.fleet.vms[v];
-                vm.req_mips = if vm.retired {
-                    0.0
-                } else {
-                    vs.workload.at(t) * vs.total_mips()
-                };
-                if vm.host.is_none() {
-                    vm.alloc_mips = 0.0;
-                }
-            }
+        for (h, hr) in c.hosts.iter().enumerate() {
+            charge_host(&mut self.acc, hr, t - self.host_t[h]);
+        }
+        for v in 0..c.vms.len() {
+            refresh_vm(&mut self.acc, c, &mut self.vm_t, v, t);
         }
         for h in 0..c.hosts.len() {
-            let before = c.utilization(h);
-            c.recompute_host(h);
-            if dt > 0.0 {
-                let power = &c.fleet.hosts[h].power;
-                self.acc.energy_j += if self.peak_power {
-                    if c.hosts[h].up {
-                        power.watts_at(1.0) * dt
-                    } else {
-                        0.0
-                    }
-                } else {
-                    power.energy_joules(before, c.utilization(h), dt)
-                };
-            }
+            recompute_and_charge(&mut self.acc, c, &mut self.host_t, h, t, self.peak_power);
         }
-        if dt > 0.0 {
+        if t > self.last_t {
             self.last_t = t;
         }
         if c.fleet.cloudsim_engine && self.last_t > 0.0 {
@@ -336,6 +322,25 @@ impl<'f> Engine<'f> {
         }
         if tick {
             c.push_history();
+        }
+    }
+
+    /// Brings only `hosts` (sorted, distinct) and the VMs that live on them up to `t`.
+    fn update_hosts(&mut self, hosts: &[usize], t: f64) {
+        let c = &mut self.c;
+        for &h in hosts {
+            charge_host(&mut self.acc, &c.hosts[h], t - self.host_t[h]);
+        }
+        for &h in hosts {
+            for i in 0..c.hosts[h].vms.len() {
+                let v = c.hosts[h].vms[i];
+                if c.vms[v].host == Some(h) {
+                    refresh_vm(&mut self.acc, c, &mut self.vm_t, v, t);
+                }
+            }
+        }
+        for &h in hosts {
+            recompute_and_charge(&mut self.acc, c, &mut self.host_t, h, t, self.peak_power);
         }
     }
 
@@ -374,6 +379,78 @@ impl<'f> Engine<'f> {
             },
             migrations: self.acc.migrations,
         });
+    }
+}
+
+/// Charges host time since the host's last update (`dt`) to SLATAH's counters.
+fn charge_host(acc: &mut Accum, hr: &crate::cluster::HostRt, dt: f64) {
+    if dt > 0.0 && hr.util_mips > 0.0 {
+        acc.host_active_s += dt;
+        if hr.util_mips < hr.req_mips {
+            acc.host_short_s += dt;
+        }
+    }
+}
+
+/// Charges VM `v`'s demand and allocation since its last update, then reads its demand at
+/// `t`. Before the first update VMs have no measured share yet (CloudSim starts its per-VM
+/// history at the first tick), so the first interval is not charged.
+fn refresh_vm(acc: &mut Accum, c: &mut Cluster, vm_t: &mut [f64], v: usize, t: f64) {
+    let dt = t - vm_t[v];
+    if dt <= 0.0 {
+        return;
+    }
+    let vm = &mut c.vms[v];
+    if vm_t[v] > 0.0 {
+        acc.vm_requested += vm.req_mips * dt;
+        acc.vm_allocated += vm.alloc_mips * dt;
+        if vm.in_migration {
+            acc.vm_short_in_migration += (vm.req_mips - vm.alloc_mips) * dt;
+        }
+        let entitled = if vm.in_migration {
+            0.9 * vm.req_mips
+        } else {
+            vm.req_mips
+        };
+        acc.vm_short_contention += (entitled - vm.alloc_mips).max(0.0) * dt;
+    }
+    let vs = &c.fleet.vms[v];
+    vm.req_mips = if vm.retired {
+        0.0
+    } else {
+        vs.workload.at(t) * vs.total_mips()
+    };
+    if vm.host.is_none() {
+        vm.alloc_mips = 0.0;
+    }
+    vm_t[v] = t;
+}
+
+/// Recomputes host `h` and charges its energy since its last update (the trapezoid between
+/// its utilisation then and now, or peak power under NPA).
+fn recompute_and_charge(
+    acc: &mut Accum,
+    c: &mut Cluster,
+    host_t: &mut [f64],
+    h: usize,
+    t: f64,
+    peak_power: bool,
+) {
+    let before = c.utilization(h);
+    c.recompute_host(h);
+    let dt = t - host_t[h];
+    if dt > 0.0 {
+        let power = &c.fleet.hosts[h].power;
+        acc.energy_j += if peak_power {
+            if c.hosts[h].up {
+                power.watts_at(1.0) * dt
+            } else {
+                0.0
+            }
+        } else {
+            power.energy_joules(before, c.utilization(h), dt)
+        };
+        host_t[h] = t;
     }
 }
 

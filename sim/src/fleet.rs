@@ -7,7 +7,7 @@ use crate::workload::{rng, Workload};
 use serde::Deserialize;
 use std::path::Path;
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 pub struct HostSpec {
     pub pes: u32,
     pub pe_mips: f64,

@@ -6,7 +6,7 @@ use crate::cluster::Cluster;
 use crate::policy::lrmmt::packed_initial;
 use crate::policy::{Move, Policy};
 use tern_scheduler::Config;
-use tern_scheduler::{Host, HostState, InFlight, Snapshot, Vm};
+use tern_scheduler::{Host, HostState, InFlight, Snapshot, Vm, VmUpdate};
 
 pub struct Drs {
     pub cfg: Config,
@@ -14,7 +14,27 @@ pub struct Drs {
     standby: Vec<bool>,
     draining: Vec<bool>,
     last_moved: Vec<Option<f64>>,
+    /// Plain DRS claims each VM's full size when the VMs' full sizes fit the hosts' MIPS;
+    /// otherwise (an over-sized fleet, where full-size claims would block every move) its
+    /// recent peak with headroom, as DPM does. Decided at the first call.
+    full_claims: Option<bool>,
+    /// The scheduler's view, kept between ticks and refreshed in place (building it from a
+    /// snapshot hashes every id: O(VMs) allocations a tick on a large fleet).
+    view: Option<View>,
 }
+
+/// A scheduler cluster and the simulated VMs it holds, in its order.
+struct View {
+    cluster: tern_scheduler::Cluster,
+    vms: Vec<usize>,
+    /// Position of each simulated VM in `vms` (usize::MAX: not in the view).
+    pos: Vec<usize>,
+}
+
+/// Ticks of history a claim by recent peak looks back over.
+const PEAK_WINDOW: usize = 12;
+/// Headroom over the recent peak a claim adds.
+const PEAK_HEADROOM: f64 = 1.15;
 
 /// DPM settings: keep the powered-on hosts' CPU demand between `low` and `high`.
 #[derive(Debug, Clone)]
@@ -38,8 +58,8 @@ impl Default for Dpm {
             high: 0.65,
             target: 0.5,
             max_off_per_tick: 3,
-            peak_window: 12,
-            headroom: 1.15,
+            peak_window: PEAK_WINDOW,
+            headroom: PEAK_HEADROOM,
         }
     }
 }
@@ -61,6 +81,8 @@ impl Drs {
             standby: Vec::new(),
             draining: Vec::new(),
             last_moved: Vec::new(),
+            full_claims: None,
+            view: None,
         }
     }
 
@@ -78,20 +100,52 @@ impl Drs {
         if self.last_moved.len() != c.vms.len() {
             self.last_moved = vec![None; c.vms.len()];
         }
+        if self.full_claims.is_none() {
+            let sizes: f64 = c.fleet.vms.iter().map(|v| v.total_mips()).sum();
+            let cap: f64 = (0..c.hosts.len())
+                .filter(|&h| c.hosts[h].up)
+                .map(|h| c.host_spec(h).total_mips())
+                .sum();
+            self.full_claims = Some(sizes <= cap);
+        }
+    }
+
+    /// How the scheduler sees host `h`.
+    fn host_state(&self, c: &Cluster, h: usize) -> HostState {
+        let hr = &c.hosts[h];
+        if !hr.up {
+            HostState::Down
+        } else if hr.maintenance || self.standby[h] || self.draining[h] {
+            HostState::InMaintenance
+        } else {
+            HostState::Connected
+        }
+    }
+
+    /// What changes about VM `v` (which has a host) from one tick to the next.
+    fn vm_update(&self, c: &Cluster, v: usize) -> VmUpdate {
+        let vm = &c.vms[v];
+        let vs = c.vm_spec(v);
+        VmUpdate {
+            host: vm.host.unwrap_or(0),
+            // Under DPM the scheduler plans on each VM's claim (recent peak with headroom),
+            // so that consolidated hosts still fit the next rise in demand.
+            cpu_demand_mhz: if self.dpm.is_some() {
+                self.claim(c, v)
+            } else {
+                vm.req_mips
+            },
+            dirty_rate_mib_s: vs.dirty_mb_s * vm.req_mips / vs.total_mips(),
+            do_not_migrate: vm.dest.is_some(),
+            last_migrated_s: self.last_moved[v],
+            in_flight_to: vm.dest,
+        }
     }
 
     /// The scheduler's view of the simulated fleet right now.
     fn snapshot(&self, c: &Cluster, t: f64) -> Snapshot {
         let hosts = (0..c.hosts.len())
             .map(|h| {
-                let hr = &c.hosts[h];
-                let state = if !hr.up {
-                    HostState::Down
-                } else if hr.maintenance || self.standby[h] || self.draining[h] {
-                    HostState::InMaintenance
-                } else {
-                    HostState::Connected
-                };
                 let spec = c.host_spec(h);
                 // In CloudSim-compatible runs memory is not a placement limit (see Fleet::cloudsim_ram).
                 let memory_mib = if c.fleet.cloudsim_ram {
@@ -104,38 +158,34 @@ impl Drs {
                     cpu_mhz: spec.total_mips(),
                     memory_mib,
                     cpu_features: Default::default(),
-                    state,
+                    state: self.host_state(c, h),
                 }
             })
             .collect();
         let mut vms = Vec::with_capacity(c.vms.len());
         let mut in_flight = Vec::new();
-        for (v, vm) in c.vms.iter().enumerate() {
-            let Some(h) = vm.host else { continue };
+        for v in 0..c.vms.len() {
+            if c.vms[v].host.is_none() {
+                continue;
+            }
             let vs = c.vm_spec(v);
-            let demand = vm.req_mips / vs.total_mips();
+            let u = self.vm_update(c, v);
             vms.push(Vm {
                 id: vm_id(v),
-                host: host_id(h),
+                host: host_id(u.host),
                 vcpus: vs.pes,
                 memory_mib: vs.ram_mb as f64,
-                // Under DPM the scheduler plans on each VM's claim (recent peak with headroom),
-                // so that consolidated hosts still fit the next rise in demand.
-                cpu_demand_mhz: if self.dpm.is_some() {
-                    self.claim(c, v)
-                } else {
-                    vm.req_mips
-                },
+                cpu_demand_mhz: u.cpu_demand_mhz,
                 active_memory_mib: vs.ram_mb as f64,
-                dirty_rate_mib_s: vs.dirty_mb_s * demand,
+                dirty_rate_mib_s: u.dirty_rate_mib_s,
                 cpu: Default::default(),
                 memory: Default::default(),
                 pool: None,
                 cpu_baseline: Default::default(),
-                do_not_migrate: vm.dest.is_some(),
-                last_migrated_s: self.last_moved[v],
+                do_not_migrate: u.do_not_migrate,
+                last_migrated_s: u.last_migrated_s,
             });
-            if let Some(d) = vm.dest {
+            if let Some(d) = u.in_flight_to {
                 in_flight.push(InFlight {
                     vm: vm_id(v),
                     to: host_id(d),
@@ -151,23 +201,61 @@ impl Drs {
         }
     }
 
-    /// MIPS a VM may ask for soon: under plain DRS its full size (so a balancing move can
-    /// never create contention: the initial placement reserves full sizes too); under DPM its
-    /// recent peak with headroom (consolidation needs to pack tighter than full sizes).
-    fn claim(&self, c: &Cluster, v: usize) -> f64 {
-        let vs = c.vm_spec(v);
-        match &self.dpm {
-            None => vs.total_mips(),
-            Some(d) => {
-                let now = c.vms[v].req_mips / vs.total_mips();
-                let peak = c.vms[v]
-                    .history
-                    .iter()
-                    .take(d.peak_window)
-                    .fold(now, |a, &b| a.max(b));
-                (peak * d.headroom).min(1.0) * vs.total_mips()
+    /// The scheduler's cluster at `t`: the kept view refreshed in place when the same VMs
+    /// have hosts as when it was built (the usual tick), else built again from a snapshot.
+    fn view(&mut self, c: &Cluster, t: f64) -> Option<&mut View> {
+        let same = self.view.as_ref().is_some_and(|w| {
+            let mut k = 0;
+            c.vms.iter().enumerate().all(|(v, vm)| {
+                let hosted = vm.host.is_some();
+                let ok = hosted == (w.pos[v] != usize::MAX);
+                k += hosted as usize;
+                ok
+            }) && k == w.vms.len()
+        });
+        if same {
+            let w = self.view.as_ref()?;
+            let states: Vec<HostState> =
+                (0..c.hosts.len()).map(|h| self.host_state(c, h)).collect();
+            let updates: Vec<VmUpdate> = w.vms.iter().map(|&v| self.vm_update(c, v)).collect();
+            let w = self.view.as_mut()?;
+            if w.cluster.refresh(t, &states, &updates).is_ok() {
+                return self.view.as_mut();
             }
         }
+        let cluster = tern_scheduler::Cluster::new(self.snapshot(c, t)).ok();
+        self.view = cluster.map(|cluster| {
+            let vms: Vec<usize> = (0..c.vms.len())
+                .filter(|&v| c.vms[v].host.is_some())
+                .collect();
+            let mut pos = vec![usize::MAX; c.vms.len()];
+            for (i, &v) in vms.iter().enumerate() {
+                pos[v] = i;
+            }
+            View { cluster, vms, pos }
+        });
+        self.view.as_mut()
+    }
+
+    /// MIPS a VM may ask for soon: under plain DRS its full size (so a balancing move can
+    /// never create contention: the initial placement reserves full sizes too) when the
+    /// fleet's full sizes fit its hosts; under DPM, or when they do not fit, its recent peak
+    /// with headroom (consolidation needs to pack tighter than full sizes, and in a fleet sized
+    /// below its VMs' full sizes no host could take a full-size claim).
+    fn claim(&self, c: &Cluster, v: usize) -> f64 {
+        let vs = c.vm_spec(v);
+        let (window, headroom) = match &self.dpm {
+            None if self.full_claims != Some(false) => return vs.total_mips(),
+            None => (PEAK_WINDOW, PEAK_HEADROOM),
+            Some(d) => (d.peak_window, d.headroom),
+        };
+        let now = c.vms[v].req_mips / vs.total_mips();
+        let peak = c.vms[v]
+            .history
+            .iter()
+            .take(window)
+            .fold(now, |a, &b| a.max(b));
+        (peak * headroom).min(1.0) * vs.total_mips()
     }
 
     /// Claimed MIPS per host: every VM on it, including VMs migrating in.
@@ -272,9 +360,16 @@ impl Drs {
         });
         let mut moves = Vec::new();
         let (mut off, mut tries) = (0, 0);
-        // One snapshot for the whole pass: each drain's moves are added to it as in flight,
-        // so the next drain sees the room they take on their destinations.
-        let mut snap = self.snapshot(c, t);
+        // One view for the whole pass: each drain's moves are added to it as in flight, so
+        // the next drain sees the room they take on their destinations.
+        if self.view(c, t).is_none() {
+            return moves;
+        }
+        let mut states: Vec<HostState> = (0..n).map(|h| self.host_state(c, h)).collect();
+        let Some(w) = self.view.as_ref() else {
+            return moves;
+        };
+        let mut updates: Vec<VmUpdate> = w.vms.iter().map(|&v| self.vm_update(c, v)).collect();
         for h in order {
             tries += 1;
             if off >= dpm.max_off_per_tick || tries > 4 * dpm.max_off_per_tick {
@@ -284,27 +379,28 @@ impl Drs {
             if rest <= 0.0 || demand / rest > dpm.target {
                 break;
             }
-            let Ok(cluster) = tern_scheduler::Cluster::new(snap.clone()) else {
+            let Some(w) = self.view.as_mut() else {
                 break;
             };
-            let Ok(ev) = tern_scheduler::evacuate(&cluster, &host_id(h), &self.cfg) else {
+            let Ok(ev) = tern_scheduler::evacuate(&w.cluster, &host_id(h), &self.cfg) else {
                 continue;
             };
             if !ev.stuck.is_empty() {
                 continue;
             }
-            let id = host_id(h);
-            if let Some(sh) = snap.hosts.iter_mut().find(|x| x.id == id) {
-                sh.state = HostState::InMaintenance;
-            }
+            states[h] = HostState::InMaintenance;
             for m in &ev.moves {
-                snap.in_flight.push(InFlight {
-                    vm: m.vm.clone(),
-                    to: m.to.clone(),
-                });
-                if let Some(sv) = snap.vms.iter_mut().find(|x| x.id == m.vm) {
-                    sv.do_not_migrate = true;
+                let (Some(v), Some(to)) = (parse(&m.vm, 'v'), parse(&m.to, 'h')) else {
+                    continue;
+                };
+                if let Some(u) = w.pos.get(v).and_then(|&p| updates.get_mut(p)) {
+                    u.in_flight_to = Some(to);
+                    u.do_not_migrate = true;
                 }
+            }
+            if w.cluster.refresh(t, &states, &updates).is_err() {
+                self.view = None;
+                break;
             }
             self.draining[h] = true;
             cap = rest;
@@ -343,7 +439,7 @@ impl Policy for Drs {
     }
 
     fn history_len(&self) -> usize {
-        self.dpm.as_ref().map_or(0, |d| d.peak_window)
+        self.dpm.as_ref().map_or(PEAK_WINDOW, |d| d.peak_window)
     }
 
     fn initial_placement(&mut self, c: &Cluster) -> Vec<Option<usize>> {
@@ -413,10 +509,11 @@ impl Policy for Drs {
                 return moves; // one kind of change per tick keeps the plans consistent
             }
         }
-        let Ok(cluster) = tern_scheduler::Cluster::new(self.snapshot(c, t)) else {
+        let cfg = self.cfg.clone();
+        let Some(w) = self.view(c, t) else {
             return moves;
         };
-        let plan = tern_scheduler::balance(&cluster, &self.cfg);
+        let plan = tern_scheduler::balance(&w.cluster, &cfg);
         tracing::debug!(t, ?plan, "drs balance");
         if let Ok(plan) = plan {
             let all = parse_moves(&plan.moves);

@@ -40,6 +40,7 @@ impl Consolidation {
     fn plan<'c, 'f>(&self, c: &'c Cluster<'f>) -> Plan<'c, 'f> {
         let mut plan = Plan::new(c);
         plan.detector = self.detector;
+        plan.index_by_load();
         plan
     }
 
@@ -73,6 +74,12 @@ impl Consolidation {
         }
     }
 }
+
+/// The consolidation loop stops after this many hosts in a row could not be emptied
+/// (CloudSim tries every host). Hosts are tried from the least utilised up, so once this many
+/// have failed the fuller ones rarely succeed; without the stop a large fleet costs
+/// O(hosts^2) per tick. PlanetLab runs (tens of busy hosts) never reach it.
+pub const CONSOLIDATION_PATIENCE: usize = 64;
 
 /// History kept per VM (CloudSim's PowerVm keeps 30 samples).
 const HISTORY: usize = 30;
@@ -108,6 +115,7 @@ impl Policy for Consolidation {
         let mut is_over = vec![false; n];
         for &h in &over {
             is_over[h] = true;
+            plan.exclude(h);
         }
         // 2. Select VMs until each is no longer overloaded.
         let mut to_move = Vec::new();
@@ -135,11 +143,17 @@ impl Policy for Consolidation {
         let mut order: Vec<usize> = (0..n).collect();
         order.sort_by(|&a, &b| plan.util_field[a].total_cmp(&plan.util_field[b]));
         let mut excluded = skip_source.iter().filter(|&&x| x).count();
+        // Every idle host is off, so excluded as a destination here: best fit skips them.
+        plan.idle_dest = false;
+        for h in (0..n).filter(|&h| skip_dest[h]) {
+            plan.exclude(h);
+        }
+        let mut failed_in_a_row = 0;
         // A host passed over once stays unsuitable as a source this round (exclusions only
         // grow; a host gains VMs only as a destination, which excludes it), so one cursor
         // walks the order instead of searching it from the start each time.
         let mut cursor = 0;
-        while excluded < n {
+        while excluded < n && failed_in_a_row < CONSOLIDATION_PATIENCE {
             let Some(i) = order[cursor..].iter().position(|&h| {
                 let util = plan.util_field[h];
                 !skip_source[h] && util > 0.0 && util < 1.0 && has_settled_vm(&plan, h)
@@ -150,6 +164,7 @@ impl Policy for Consolidation {
             cursor += i + 1;
             skip_source[u] = true;
             skip_dest[u] = true;
+            plan.exclude(u);
             excluded += 1;
             // A VM placed here by the overload step this round is evacuated again, as in
             // CloudSim (which then runs both migrations; see below).
@@ -162,6 +177,11 @@ impl Policy for Consolidation {
                 continue;
             }
             let placed = plan.place_sorted(&mut vms, &skip_dest, true);
+            if placed.is_empty() {
+                failed_in_a_row += 1;
+            } else {
+                failed_in_a_row = 0;
+            }
             for m in &placed {
                 if !skip_source[m.to] {
                     skip_source[m.to] = true;

@@ -2,6 +2,7 @@
 use crate::cluster::Cluster;
 
 pub mod baseline;
+pub mod candidates;
 pub mod detect;
 pub mod drs;
 pub mod initial;
