@@ -15,6 +15,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
+use tern_node::client::{admin_config_path, url, OperatorConfig};
+use tern_node::pki::operator_client_config;
 
 const WRITE: &str = r#"{"command":{"op":"noop"}}"#;
 
@@ -40,6 +42,7 @@ struct Node {
     data: std::path::PathBuf,
     extra: Vec<String>,
     child: Option<Child>,
+    join_token: Option<String>,
 }
 
 impl Node {
@@ -58,6 +61,11 @@ impl Node {
             Some(seed) => cmd.args(["--join", seed]),
             None => cmd.arg("--bootstrap"),
         };
+        if let Some(t) = &self.join_token {
+            cmd.args(["--join-token", t]);
+        }
+        // The bootstrap node writes its admin config into its data dir, not the user's home.
+        cmd.env("TERN_CONFIG", admin_config_path(&self.data));
         cmd.args(&self.extra)
             .stdout(Stdio::null())
             .stderr(Stdio::null());
@@ -84,9 +92,34 @@ struct Cluster {
     _dir: tempfile::TempDir,
 }
 
+/// A keep-alive HTTPS client with the cluster CA pinned and the admin token the bootstrap node
+/// wrote (waits until it exists).
+async fn admin_client(bootstrap_data: &std::path::Path) -> reqwest::Client {
+    let path = admin_config_path(bootstrap_data);
+    let cfg = wait_for("the admin config", Duration::from_secs(10), || {
+        let path = path.clone();
+        async move { OperatorConfig::read(&path).ok() }
+    })
+    .await;
+    let tls = operator_client_config(cfg.ca.as_deref().expect("ca")).expect("tls");
+    let mut headers = reqwest::header::HeaderMap::new();
+    let token = cfg.token.expect("token");
+    headers.insert(
+        reqwest::header::AUTHORIZATION,
+        format!("Bearer {token}").parse().expect("header"),
+    );
+    reqwest::Client::builder()
+        .use_preconfigured_tls(tls)
+        .default_headers(headers)
+        .tcp_nodelay(true)
+        .pool_max_idle_per_host(256)
+        .build()
+        .expect("http client")
+}
+
 async fn get_json(http: &reqwest::Client, addr: &str, path: &str) -> Option<Value> {
     let r = http
-        .get(format!("http://{addr}{path}"))
+        .get(url(addr, path))
         .timeout(Duration::from_secs(1))
         .send()
         .await
@@ -97,7 +130,7 @@ async fn get_json(http: &reqwest::Client, addr: &str, path: &str) -> Option<Valu
 /// One write; Ok(()) only when the node answered 200 (committed and applied).
 async fn write(http: &reqwest::Client, addr: &str, timeout: Duration) -> Result<(), String> {
     let r = http
-        .post(format!("http://{addr}/v1/write"))
+        .post(url(addr, "/v1/write"))
         .header("content-type", "application/json")
         .body(WRITE)
         .timeout(timeout)
@@ -143,14 +176,11 @@ impl Cluster {
                 data: dir.path().join(format!("n{id}")),
                 extra: extra.iter().map(|s| s.to_string()).collect(),
                 child: None,
+                join_token: None,
             })
             .collect();
-        let http = reqwest::Client::builder()
-            .tcp_nodelay(true)
-            .pool_max_idle_per_host(256)
-            .build()
-            .expect("http client");
         nodes[0].start(None);
+        let http = admin_client(&nodes[0].data).await;
         let first = nodes[0].addr.clone();
         wait_for("bootstrap", Duration::from_secs(10), || {
             let (http, first) = (http.clone(), first.clone());
@@ -160,7 +190,22 @@ impl Cluster {
             }
         })
         .await;
+        let token = wait_for("a join token", Duration::from_secs(10), || {
+            let (http, first) = (http.clone(), first.clone());
+            async move {
+                let r = http
+                    .post(url(&first, "/v1/cluster/join-token"))
+                    .json(&json!({ "ttl_s": 3600 }))
+                    .send()
+                    .await
+                    .ok()?;
+                let v: Value = r.json().await.ok()?;
+                v["token"].as_str().map(str::to_string)
+            }
+        })
+        .await;
         for n in nodes.iter_mut().skip(1) {
+            n.join_token = Some(token.clone());
             n.start(Some(&first));
         }
         let c = Cluster {
@@ -211,7 +256,7 @@ impl Cluster {
 /// the mean server-side commit time of the writes in between.
 async fn server_side(http: &reqwest::Client, addr: &str) -> Option<(f64, f64)> {
     let text = http
-        .get(format!("http://{addr}/metrics"))
+        .get(url(addr, "/metrics"))
         .send()
         .await
         .ok()?

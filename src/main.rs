@@ -49,6 +49,8 @@ enum Command {
     Rule(cmd::placement::RuleArgs),
     /// Simulate a fleet under a balancing policy.
     Sim(cmd::sim::SimArgs),
+    /// Operators' API tokens and their roles (admin, operator, auditor).
+    Token(cmd::token::TokenArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -69,6 +71,7 @@ fn main() -> std::process::ExitCode {
         Command::Audit(args) => cmd::migrate::run_audit(args),
         Command::Pool(args) => cmd::placement::run_pool(args),
         Command::Rule(args) => cmd::placement::run_rule(args),
+        Command::Token(args) => cmd::token::run(args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -25,8 +25,6 @@ fn cluster_vm_migrates_live_with_raft_gated_switchover() {
         "wss=8M,rate=3000,pattern=random",
         "--host",
         "1",
-        "--user",
-        "alice",
     ]);
     c.wait_guest_progress("web", 1);
     // Let the guest touch a few MiB first, so the migration has real memory to move.
@@ -37,7 +35,12 @@ fn cluster_vm_migrates_live_with_raft_gated_switchover() {
     // Only its owner runs it.
     assert!(c.guest("web", 2).is_none() && c.guest("web", 3).is_none());
 
-    let out = c.tern_ok(&["migrate", "web", "--to", "2", "--wait", "--user", "alice"]);
+    // Alice's operator token; the audit names her whatever `--user` claims.
+    let alice = c.token("alice", "operator");
+    let out = c.tern_as(
+        &alice,
+        &["migrate", "web", "--to", "2", "--wait", "--user", "mallory"],
+    );
     assert!(out.contains("Succeeded"), "{out}");
     let state = c.state();
     assert_eq!(state["vms"]["web"]["owner"], json!(2));
@@ -89,8 +92,9 @@ fn cluster_vm_migrates_live_with_raft_gated_switchover() {
     assert!(!future.contains(" web "), "{future}");
 
     // Prometheus metrics on the source: migrations by result, downtime, bytes, Raft position.
-    let metrics = client()
-        .get(format!("http://{}/metrics", c.addr(1)))
+    let metrics = client(&c.addr(1))
+        .expect("admin client")
+        .get(api::url(&c.addr(1), "/metrics"))
         .send()
         .and_then(|r| r.text())
         .expect("metrics");
@@ -133,8 +137,21 @@ fn cluster_forged_migration_streams_are_refused() {
         return;
     }
     let c = Cluster::start(3, &[]);
-    // No committed task: no listener is opened.
+    // Only member nodes may ask a destination to prepare: an operator's token is not enough.
     let r = post(&c.addr(2), "/v1/migrations/prepare", &json!({"task": 4242}));
+    assert_eq!(r.0, 403, "{:?}", r.1);
+    // A member (node 1's certificate) asking with no committed task: no listener is opened.
+    let prepare = |to: u64, body: Value| {
+        api::post_as_node(
+            &c.nodes[0].data,
+            1,
+            to,
+            &c.addr(to),
+            "/v1/migrations/prepare",
+            &body,
+        )
+    };
+    let r = prepare(2, json!({"task": 4242}));
     assert_eq!(r.0, 404, "{:?}", r.1);
     c.tern_ok(&[
         "vm",
@@ -150,12 +167,12 @@ fn cluster_forged_migration_streams_are_refused() {
     c.wait_guest_progress("db", 1);
     c.tern_ok(&["migrate", "db", "--to", "2", "--wait"]);
     // A finished task opens nothing either, nor does a task naming another host.
-    let r = post(&c.addr(2), "/v1/migrations/prepare", &json!({"task": 0}));
+    let r = prepare(2, json!({"task": 0}));
     assert_eq!(r.0, 409, "{:?}", r.1);
-    let r = post(&c.addr(3), "/v1/migrations/prepare", &json!({"task": 0}));
+    let r = prepare(3, json!({"task": 0}));
     assert_eq!(r.0, 409, "{:?}", r.1);
     // Garbage bodies get a 4xx, and nothing changed.
-    let r = post(&c.addr(2), "/v1/migrations/prepare", &json!({"task": "x"}));
+    let r = prepare(2, json!({"task": "x"}));
     assert!((400..500).contains(&r.0), "{:?}", r);
     let g = c.guest("db", 2).expect("db still runs on host 2");
     assert_eq!(g["status"]["mismatches"], json!(0));
@@ -329,8 +346,9 @@ fn cluster_drs_moves_vms_off_an_overloaded_host() {
     );
     assert!(c.tasks().is_empty());
     // The leader exports what DRS sees.
-    let metrics = client()
-        .get(format!("http://{}/metrics", c.addr(1)))
+    let metrics = client(&c.addr(1))
+        .expect("admin client")
+        .get(api::url(&c.addr(1), "/metrics"))
         .send()
         .and_then(|r| r.text())
         .expect("metrics");
@@ -683,9 +701,11 @@ fn cluster_scheduled_migration_fires_after_a_leader_change_and_tasks_cancel() {
     c.create_vm("s", 2, "wss=8M,rate=500");
     c.create_vm("c1", 3, "wss=32M,rate=2000,pattern=random");
     c.create_vm("c2", 3, "wss=8M,rate=500");
-    let out = c.tern_ok_at(
+    let bob = c.token("bob", "operator");
+    let out = c.tern_as_at(
         &c.addr(2),
-        &["migrate", "s", "--to", "3", "--at", "+6s", "--user", "bob"],
+        &bob,
+        &["migrate", "s", "--to", "3", "--at", "+6s"],
     );
     assert!(out.contains("schedule"), "{out}");
     // The leader that would have fired it dies; the schedule is in the Raft log.
@@ -713,7 +733,8 @@ fn cluster_scheduled_migration_fires_after_a_leader_change_and_tasks_cancel() {
         get(&c.addr(3), &format!("/v1/tasks/{c1}/progress"))
             .filter(|p| p["bytes_sent"].as_u64() > Some(1 << 20))
     });
-    c.tern_ok(&["task", "cancel", &c1, "--user", "carol"]);
+    let carol = c.token("carol", "operator");
+    c.tern_as(&carol, &["task", "cancel", &c1]);
     let tasks = wait_for("scheduled task done", Duration::from_secs(60), || {
         let t = c.tasks();
         t.iter()

@@ -18,6 +18,8 @@ struct Node {
     extra: Vec<String>,
     /// The address peers use (a proxy), when not the listen address.
     advertise: Option<String>,
+    /// What a joining node presents.
+    join_token: Option<String>,
 }
 
 impl Node {
@@ -29,6 +31,11 @@ impl Node {
             Some(seed) => cmd.args(["--join", seed]),
             None => cmd.arg("--bootstrap"),
         };
+        if let Some(t) = &self.join_token {
+            cmd.args(["--join-token", t]);
+        }
+        // The bootstrap node writes its admin config here, not into the user's home.
+        cmd.env("TERN_CONFIG", support::api::config_path(&self.addr));
         if let Some(a) = &self.advertise {
             cmd.args(["--advertise", a]);
         }
@@ -71,18 +78,20 @@ fn net() -> (u8, u8) {
     )
 }
 
-fn client() -> reqwest::blocking::Client {
-    reqwest::blocking::Client::builder()
-        // Longer than a node's write timeout (5 s), so a write that cannot commit is answered
-        // by the node itself.
-        .timeout(Duration::from_secs(8))
-        .build()
-        .unwrap()
+/// An admin client (TLS, token) for `addr`'s cluster; None until its bootstrap node wrote it.
+fn client(addr: &str) -> Option<reqwest::blocking::Client> {
+    // Longer than a node's write timeout (5 s), so a write that cannot commit is answered by
+    // the node itself.
+    support::api::client(addr, Duration::from_secs(8))
+}
+
+fn url(addr: &str, path: &str) -> String {
+    support::api::url(addr, path)
 }
 
 fn status(addr: &str) -> Option<Value> {
-    client()
-        .get(format!("http://{addr}/v1/status"))
+    client(addr)?
+        .get(url(addr, "/v1/status"))
         .send()
         .ok()?
         .json()
@@ -90,8 +99,9 @@ fn status(addr: &str) -> Option<Value> {
 }
 
 fn write(addr: &str, body: Value) -> Result<Value, String> {
-    let resp = client()
-        .post(format!("http://{addr}/v1/write"))
+    let resp = client(addr)
+        .ok_or_else(|| "no admin config yet".to_string())?
+        .post(url(addr, "/v1/write"))
         .json(&body)
         .send()
         .map_err(|e| e.to_string())?;
@@ -128,9 +138,12 @@ impl Cluster {
                     child: None,
                     extra: extra.iter().map(|s| s.to_string()).collect(),
                     advertise,
+                    join_token: None,
                 }
             })
             .collect();
+        let addrs: Vec<String> = nodes.iter().map(|n| n.addr.clone()).collect();
+        support::api::register(&nodes[0].data, &addrs);
         nodes[0].start(None);
         let seed = nodes[0].addr.clone();
         wait_for("bootstrap leader", Duration::from_secs(10), || {
@@ -138,7 +151,9 @@ impl Cluster {
                 .filter(|s| s["leader"] == json!(1))
                 .map(|_| ())
         });
+        let token = (n > 1).then(|| support::api::join_token(&seed));
         for node in nodes.iter_mut().skip(1) {
+            node.join_token = token.clone();
             node.start(Some(&seed));
         }
         let c = Cluster { nodes, _dir: dir };
@@ -186,8 +201,9 @@ impl Cluster {
     }
 
     fn schedules(&self, addr: &str) -> Vec<String> {
-        let v: Value = client()
-            .get(format!("http://{addr}/v1/state"))
+        let v: Value = client(addr)
+            .unwrap()
+            .get(url(addr, "/v1/state"))
             .send()
             .unwrap()
             .json()
@@ -218,8 +234,8 @@ fn cluster_three_and_five_nodes_elect_a_leader_and_forward_writes() {
         write(&follower, schedule("via-follower")).expect("forwarded write");
         // Hosts register themselves; every node serves the linearizable host list.
         let hosts: Vec<Value> = wait_for("hosts", Duration::from_secs(10), || {
-            let h: Vec<Value> = client()
-                .get(format!("http://{follower}/v1/hosts"))
+            let h: Vec<Value> = client(&follower)?
+                .get(url(&follower, "/v1/hosts"))
                 .send()
                 .ok()?
                 .json()
@@ -322,8 +338,9 @@ fn cluster_bad_api_bodies_get_clear_errors() {
         ("/raft/vote", "{}"),
         ("/raft/snapshot", "[1,2,3]"),
     ] {
-        let resp = client()
-            .post(format!("http://{addr}{path}"))
+        let resp = client(addr)
+            .unwrap()
+            .post(url(addr, path))
             .header("content-type", "application/json")
             .body(body)
             .send()
@@ -341,8 +358,8 @@ fn cluster_bad_api_bodies_get_clear_errors() {
 
 /// One gauge from the node's Prometheus endpoint.
 fn metric(addr: &str, name: &str) -> Option<f64> {
-    let text = client()
-        .get(format!("http://{addr}/metrics"))
+    let text = client(addr)?
+        .get(url(addr, "/metrics"))
         .send()
         .ok()?
         .text()

@@ -203,8 +203,9 @@ fn vmm_kill_9_is_contained_recorded_and_restarted_with_its_flushed_blocks() {
     assert!(audit_lines(&c)
         .iter()
         .any(|a| a.contains("vm n on host 1: VMM pid") && a.contains("never")));
-    let metrics = client()
-        .get(format!("http://{}/metrics", c.addr(1)))
+    let metrics = client(&c.addr(1))
+        .expect("admin client")
+        .get(api::url(&c.addr(1), "/metrics"))
         .send()
         .unwrap()
         .text()

@@ -4,6 +4,7 @@
 // openraft's StorageError is large and fixed by its traits; boxing it would not help callers.
 #![allow(clippy::result_large_err)]
 
+pub mod access;
 pub mod network;
 pub mod raft_node;
 pub mod state;

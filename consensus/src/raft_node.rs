@@ -9,7 +9,7 @@ use std::time::Duration;
 use openraft::error::{CheckIsLeaderError, ClientWriteError, RaftError};
 use openraft::{BasicNode, Config, SnapshotPolicy};
 
-use crate::network::HttpNetworkFactory;
+use crate::network::{HttpNetworkFactory, PeerTls};
 use crate::state::ClusterState;
 use crate::store::{open_db, LogStore, StateMachineStore, StateView};
 use crate::{NodeId, Raft, Request, Response};
@@ -35,6 +35,9 @@ pub enum ConsensusError {
     #[error("write not committed within {ms} ms (no quorum reachable?); its outcome is unknown")]
     Timeout { ms: u64 },
 }
+
+/// Bytes of snapshot per install-snapshot request.
+pub const SNAPSHOT_CHUNK: usize = 1 << 20;
 
 /// Raft timing and log compaction knobs.
 #[derive(Clone, Debug)]
@@ -79,6 +82,8 @@ pub struct ConsensusNode {
     pub machine: StateMachineStore,
     /// See `RaftOptions::source_ip`; the node's other peer clients should use it too.
     pub source_ip: Option<IpAddr>,
+    /// How this node reaches its peers (mutual TLS); the node's other peer calls use it too.
+    pub peers: PeerTls,
     log: LogStore,
     write_timeout: Duration,
 }
@@ -89,6 +94,7 @@ impl ConsensusNode {
         addr: String,
         data_dir: &Path,
         opts: &RaftOptions,
+        tls: Arc<rustls::ClientConfig>,
     ) -> Result<Self, ConsensusError> {
         let config = Config {
             cluster_name: "tern".to_string(),
@@ -98,16 +104,26 @@ impl ConsensusNode {
             snapshot_policy: SnapshotPolicy::LogsSinceLast(opts.snapshot_every),
             max_in_snapshot_log_to_keep: opts.keep_after_snapshot,
             purge_batch_size: 256,
+            // Snapshots of any size travel in chunks small enough for one request each (JSON
+            // makes a chunk up to 4x larger; the peer's body limit is far above that), with
+            // time for a loaded peer to take each one.
+            snapshot_max_chunk_size: SNAPSHOT_CHUNK as u64,
+            install_snapshot_timeout: 10_000,
             ..Default::default()
         }
         .validate()?;
+        let peers = PeerTls {
+            config: tls,
+            self_id: id,
+            source_ip: opts.source_ip,
+        };
         let db = open_db(&data_dir.join("raft.sled"))?;
         let log = LogStore::open(&db, opts.durable)?;
         let machine = StateMachineStore::open(&db)?;
         let raft = Raft::new(
             id,
             Arc::new(config),
-            HttpNetworkFactory::new(opts.source_ip)?,
+            HttpNetworkFactory::new(peers.clone()),
             log.clone(),
             machine.clone(),
         )
@@ -118,6 +134,7 @@ impl ConsensusNode {
             raft,
             machine,
             source_ip: opts.source_ip,
+            peers,
             log,
             write_timeout: Duration::from_millis(opts.write_timeout_ms),
         })

@@ -6,6 +6,8 @@
 pub use imbl::{OrdMap, OrdSet, Vector};
 use serde::{Deserialize, Serialize};
 
+use crate::access::{AccessChange, AccessRole, AccessState};
+
 pub type HostId = u64;
 pub type TaskId = u64;
 
@@ -172,6 +174,10 @@ pub struct Schedule {
     /// Why the last firing created no task (e.g. the VM already had an active migration).
     #[serde(default)]
     pub last_error: Option<String>,
+    /// Who committed the schedule (set by the state machine from the request's principal):
+    /// the tasks it fires are requested by them.
+    #[serde(default)]
+    pub created_by: String,
 }
 
 /// The migration task a schedule's firing creates, in the same command as the firing.
@@ -275,6 +281,9 @@ pub struct ClusterState {
     pub roles: OrdMap<String, Role>,
     #[serde(default)]
     pub slots: SlotSettings,
+    /// Operators' API tokens and join tokens (hashes only).
+    #[serde(default)]
+    pub access: AccessState,
     /// The audit trail of finished migration tasks that left `tasks`, oldest first (tokens
     /// cleared), bounded by `TASK_HISTORY_RETAIN`.
     #[serde(default)]
@@ -452,6 +461,22 @@ pub enum Command {
     SetSlots {
         slots: SlotSettings,
     },
+    /// An operator's API token (`hash`: hex SHA-256 of its secret).
+    CreateToken {
+        name: String,
+        role: AccessRole,
+        hash: String,
+        #[serde(default)]
+        expires_at_ms: Option<u64>,
+    },
+    RevokeToken {
+        name: String,
+    },
+    /// A token new hosts may join with until `expires_at_ms`.
+    CreateJoinToken {
+        hash: String,
+        expires_at_ms: u64,
+    },
     /// Record what happened to a VM on a host (its process died, it was restarted); changes
     /// nothing but the audit trail.
     RecordVmEvent {
@@ -570,6 +595,7 @@ impl ClusterState {
                 state.tasks.insert(*id, t);
             }
         }
+        state.access = self.access.redacted();
         state
     }
 
@@ -944,8 +970,9 @@ impl ClusterState {
                 if schedule.name.is_empty() || schedule.cron.is_empty() {
                     return Err(invalid("schedule needs a name and a cron expression"));
                 }
-                self.schedules
-                    .insert(schedule.name.clone(), schedule.clone());
+                let mut schedule = schedule.clone();
+                schedule.created_by = req.actor.clone();
+                self.schedules.insert(schedule.name.clone(), schedule);
             }
             Command::DeleteSchedule { name } => {
                 if self.schedules.remove(name).is_none() {
@@ -1024,6 +1051,36 @@ impl ClusterState {
                 }
                 self.slots = slots.clone();
             }
+            Command::CreateToken {
+                name,
+                role,
+                hash,
+                expires_at_ms,
+            } => self.access.apply(
+                AccessChange::CreateToken {
+                    name,
+                    role: *role,
+                    hash,
+                    expires_at_ms: *expires_at_ms,
+                },
+                &req.actor,
+                req.at_ms,
+            )?,
+            Command::RevokeToken { name } => {
+                self.access
+                    .apply(AccessChange::RevokeToken { name }, &req.actor, req.at_ms)?
+            }
+            Command::CreateJoinToken {
+                hash,
+                expires_at_ms,
+            } => self.access.apply(
+                AccessChange::CreateJoinToken {
+                    hash,
+                    expires_at_ms: *expires_at_ms,
+                },
+                &req.actor,
+                req.at_ms,
+            )?,
             Command::RecordVmEvent { vm, event, .. } => {
                 self.vm(vm)?;
                 if event.is_empty() || event.len() > 1024 {
@@ -1096,6 +1153,11 @@ fn describe(cmd: &Command) -> String {
             "set migration slots {}/{}/{} (source/destination/cluster)",
             slots.per_source, slots.per_destination, slots.per_cluster
         ),
+        Command::CreateToken { name, role, .. } => format!("create {role} token {name}"),
+        Command::RevokeToken { name } => format!("revoke token {name}"),
+        Command::CreateJoinToken { expires_at_ms, .. } => {
+            format!("create join token (expires {expires_at_ms})")
+        }
         Command::RecordVmEvent { vm, host, event } => format!("vm {vm} on host {host}: {event}"),
         Command::Noop => "noop".to_string(),
     }
@@ -1267,6 +1329,7 @@ mod tests {
             enabled: true,
             last_fired_ms: None,
             last_error: None,
+            created_by: String::new(),
         };
         apply(&mut s, Command::PutSchedule { schedule }).expect("put schedule");
         s

@@ -1,7 +1,8 @@
 //! The cluster client every part of the node uses: commit a command through the leader
 //! (forwarding once from a follower: a forwarded request is never forwarded again), read the
 //! committed state linearizably, talk JSON to peer nodes, change Raft membership.
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use axum::http::StatusCode;
@@ -16,10 +17,13 @@ use super::error::ServiceError;
 /// Header marking a request one node forwarded to another (to the leader).
 pub const FORWARDED: &str = "x-tern-forwarded";
 
+/// Mutual-TLS clients to peers and their base URLs, by (node id, address).
+type PeerClients = HashMap<(u64, String), (reqwest::Client, String)>;
+
 #[derive(Clone)]
 pub struct Cluster {
     pub node: ConsensusNode,
-    client: reqwest::Client,
+    peers: Arc<Mutex<PeerClients>>,
 }
 
 /// A command to commit, as sent to `/v1/write` (by an operator, or forwarded by a node).
@@ -27,7 +31,7 @@ pub struct Cluster {
 pub struct WriteBody {
     #[serde(default)]
     pub actor: Option<String>,
-    /// Set by the first node that receives the write, kept when forwarded.
+    /// Ignored when received: the time of a write is the leader's clock.
     #[serde(default)]
     pub at_ms: Option<u64>,
     pub command: Command,
@@ -44,20 +48,42 @@ pub fn now_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
-/// The committed state as shown outside the nodes: migration tokens authenticate streams, so
-/// they never leave the nodes.
+/// The committed state as shown outside the nodes: migration tokens authenticate streams and
+/// token hashes authenticate operators and joiners, so they never leave the nodes.
 pub fn redacted(state: &ClusterState) -> ClusterState {
     state.without_secrets()
 }
 
 impl Cluster {
     pub fn new(node: ConsensusNode) -> anyhow::Result<Self> {
-        let client = reqwest::Client::builder()
-            .local_address(node.source_ip)
-            .tcp_nodelay(true)
-            .timeout(Duration::from_secs(10))
-            .build()?;
-        Ok(Cluster { node, client })
+        Ok(Cluster {
+            node,
+            peers: Arc::default(),
+        })
+    }
+
+    /// A mutual-TLS client to the member at `addr` and its base URL: the member's certificate
+    /// must name the node id the membership gives that address.
+    fn peer(&self, addr: &str) -> Result<(reqwest::Client, String), ServiceError> {
+        let m = self.node.raft.metrics().borrow().clone();
+        let id = m
+            .membership_config
+            .membership()
+            .nodes()
+            .find(|(_, n)| n.addr == addr)
+            .map(|(id, _)| *id)
+            .ok_or_else(|| ServiceError::unavailable(format!("{addr} is not a cluster member")))?;
+        let mut peers = self.peers.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(c) = peers.get(&(id, addr.to_string())) {
+            return Ok(c.clone());
+        }
+        let c = self
+            .node
+            .peers
+            .client(id, addr, Some(Duration::from_secs(10)))
+            .map_err(|e| ServiceError::unavailable(e.to_string()))?;
+        peers.insert((id, addr.to_string()), c.clone());
+        Ok(c)
     }
 
     /// POST a JSON body to another node and decode its JSON answer, mapping API errors back.
@@ -68,7 +94,8 @@ impl Cluster {
         body: &B,
         as_forward: bool,
     ) -> Result<R, ServiceError> {
-        let mut request = self.client.post(format!("http://{addr}{path}")).json(body);
+        let (client, base) = self.peer(addr)?;
+        let mut request = client.post(format!("{base}{path}")).json(body);
         if as_forward {
             request = request.header(FORWARDED, "1");
         }
@@ -84,9 +111,9 @@ impl Cluster {
         addr: &str,
         path: &str,
     ) -> Result<R, ServiceError> {
-        let reply = self
-            .client
-            .get(format!("http://{addr}{path}"))
+        let (client, base) = self.peer(addr)?;
+        let reply = client
+            .get(format!("{base}{path}"))
             .header(FORWARDED, "1")
             .send()
             .await

@@ -6,9 +6,12 @@
 //! `load`) hold the logic the handlers and the leader's `controller` loop call; `cluster` is the
 //! client everything uses to commit and read through the leader. No two modules import each
 //! other (checked by `layout_tests`).
+pub mod access;
 pub mod admission;
 pub mod api;
+pub mod auth;
 pub mod cgroup;
+pub mod client;
 pub mod cluster;
 pub mod controller;
 pub mod cron;
@@ -18,9 +21,11 @@ pub mod error;
 pub mod host;
 mod host_info;
 pub mod inbound;
+mod join;
 #[cfg(test)]
 mod layout_tests;
 pub mod leader_state;
+pub mod listener;
 pub mod liveness;
 pub mod load;
 pub mod maintenance;
@@ -28,7 +33,9 @@ pub mod members;
 mod metrics;
 pub mod migrations;
 pub mod outbound;
+pub mod pki;
 pub mod queue_view;
+mod raft_rpc;
 pub mod sched_view;
 pub mod schedules;
 pub mod supervisor;
@@ -36,6 +43,7 @@ pub mod vmm_watch;
 pub mod vms;
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -48,6 +56,8 @@ pub struct NodeConfig {
     pub data: PathBuf,
     pub bootstrap: bool,
     pub join: Option<String>,
+    /// The join token (`tern cluster join-token`) a new node presents with `join`.
+    pub join_token: Option<String>,
     /// Address peers use for this node (default: the bound address).
     pub advertise: Option<String>,
     pub raft: RaftOptions,
@@ -74,9 +84,18 @@ pub async fn serve(cfg: NodeConfig) -> anyhow::Result<()> {
     let addr = cfg.advertise.clone().unwrap_or_else(|| bound.to_string());
     let mut raft_opts = cfg.raft.clone();
     raft_opts.source_ip = (!bound.ip().is_unspecified()).then_some(bound.ip());
-    let node = ConsensusNode::open(cfg.id, addr.clone(), &cfg.data, &raft_opts)
-        .await
-        .context("opening raft")?;
+    let addrs = vec![bound.to_string(), addr.clone()];
+    let (tls, admin_secret) = join::identity(&cfg, &addrs).await?;
+    let tls = Arc::new(tls);
+    let node = ConsensusNode::open(
+        cfg.id,
+        addr.clone(),
+        &cfg.data,
+        &raft_opts,
+        Arc::new(tls.peer_client_config()?),
+    )
+    .await
+    .context("opening raft")?;
     let prometheus = metrics::install(&node)?;
     let cluster = cluster::Cluster::new(node.clone())?;
     let datastore = match &cfg.datastore {
@@ -94,19 +113,35 @@ pub async fn serve(cfg: NodeConfig) -> anyhow::Result<()> {
         cfg.migrate_bandwidth_mib.saturating_mul(1 << 20),
         std::sync::atomic::Ordering::Relaxed,
     );
-    let router = api::router(ctx.clone(), prometheus);
-    let server = tokio::spawn(async move { axum::serve(listener, router).await });
+    let router = api::router(ctx.clone(), prometheus, tls.clone()).layer(
+        axum::middleware::from_fn_with_state(node.clone(), auth::authorize),
+    );
+    let server = tokio::spawn(listener::serve(
+        listener,
+        tls.server_config()?,
+        router,
+        listener::Limits::default(),
+    ));
     tracing::info!(id = cfg.id, %addr, "node listening");
     println!("tern node {} listening on {bound}", cfg.id);
 
     let initialized = node.raft.is_initialized().await?;
     if cfg.bootstrap {
         node.bootstrap().await?;
+        if let Some(secret) = admin_secret {
+            tokio::spawn(join::create_admin_token(cluster.clone(), secret));
+        }
     } else if !initialized {
-        let Some(seed) = cfg.join.clone() else {
-            anyhow::bail!("a new node needs --bootstrap or --join ADDR");
+        let (Some(seed), Some(token)) = (cfg.join.clone(), cfg.join_token.clone()) else {
+            anyhow::bail!("a new node needs --bootstrap, or --join ADDR with --join-token");
         };
-        tokio::spawn(join_loop(cluster.clone(), seed, cfg.id, addr.clone()));
+        tokio::spawn(join::join_loop(
+            tls.clone(),
+            seed,
+            cfg.id,
+            addr.clone(),
+            token,
+        ));
     }
     let mut info = host_info::probe();
     if let Some(m) = cfg.capacity_memory_mib {
@@ -152,21 +187,6 @@ fn enforce_pools(ctx: &host::HostCtx, cfg: &NodeConfig) {
             let _ = ctx.cgroups.set(cg);
         }
         Err(e) => tracing::warn!("resource pools are not enforced on this host: {e}"),
-    }
-}
-
-/// Ask the seed (forwarded to the leader) to add us as learner then voter, until it works.
-async fn join_loop(cluster: cluster::Cluster, seed: String, id: u64, addr: String) {
-    let body = members::JoinBody { id, addr };
-    loop {
-        match cluster
-            .post_json::<_, serde_json::Value>(&seed, "/v1/members/join", &body, false)
-            .await
-        {
-            Ok(_) => return,
-            Err(e) => tracing::warn!("join via {seed}: {e:#}"),
-        }
-        tokio::time::sleep(Duration::from_millis(300)).await;
     }
 }
 

@@ -48,7 +48,12 @@ pub async fn fire_due(ctx: &HostCtx, state: &ClusterState) {
                 to: body.to,
                 priority: body.priority,
                 reason: body.reason.clone().unwrap_or_else(|| "scheduled".into()),
-                requested_by: body.actor.clone().unwrap_or_else(|| "scheduler".into()),
+                // Whoever committed the schedule, never what its action text claims.
+                requested_by: if s.created_by.is_empty() {
+                    "scheduler".into()
+                } else {
+                    s.created_by.clone()
+                },
                 token,
             }),
         };

@@ -236,29 +236,20 @@ pub fn config(ctx: &HostCtx, name: &str) -> Result<VmConfig, ServiceError> {
 /// Commit a VM's wanted power state (its owner reacts).
 pub async fn set_state(
     ctx: &HostCtx,
+    actor: String,
     name: String,
     state: VmState,
 ) -> Result<Applied, ServiceError> {
     ctx.cluster
-        .propose(
-            "api".into(),
-            None,
-            Command::SetVmState { vm: name, state },
-            false,
-        )
+        .propose(actor, None, Command::SetVmState { vm: name, state }, false)
         .await
 }
 
 /// Delete a VM from the cluster, then its datastore files.
-pub async fn destroy(ctx: &HostCtx, name: String) -> Result<Applied, ServiceError> {
+pub async fn destroy(ctx: &HostCtx, actor: String, name: String) -> Result<Applied, ServiceError> {
     let applied = ctx
         .cluster
-        .propose(
-            "api".into(),
-            None,
-            Command::DeleteVm { vm: name.clone() },
-            false,
-        )
+        .propose(actor, None, Command::DeleteVm { vm: name.clone() }, false)
         .await?;
     if let Ok(ds) = ctx.datastore() {
         if let Err(e) = ds.remove(&name) {

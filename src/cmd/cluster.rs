@@ -4,17 +4,13 @@ use clap::{Args, Subcommand};
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
 use tern_consensus::state::Host;
+use tern_node::client::{url, OperatorConfig};
 
 /// Where the CLI sends requests: any node of the cluster.
 #[derive(Args)]
 pub struct ServerArg {
-    /// A node's API address (host:port).
-    #[arg(
-        long,
-        global = true,
-        env = "TERN_SERVER",
-        default_value = "127.0.0.1:7400"
-    )]
+    /// A node's API address (host:port); default: the config file's `server`.
+    #[arg(long, global = true, env = "TERN_SERVER", default_value_t = default_server())]
     pub server: String,
 }
 
@@ -32,6 +28,12 @@ enum ClusterCommand {
     Status {
         #[arg(long)]
         json: bool,
+    },
+    /// Create a join token: a new host joins with `tern node --join ADDR --join-token TOKEN`.
+    JoinToken {
+        /// How long it stays valid, e.g. 1h, 30m (default 1h).
+        #[arg(long, default_value = "1h")]
+        ttl: String,
     },
 }
 
@@ -81,10 +83,18 @@ struct Status {
     members: Vec<Member>,
 }
 
+/// The server named by the operator config (`TERN_CONFIG` or ~/.config/tern/config.toml).
+fn default_server() -> String {
+    OperatorConfig::from_env()
+        .ok()
+        .and_then(|c| c.server)
+        .unwrap_or_else(|| "127.0.0.1:7400".to_string())
+}
+
+/// HTTPS with the cluster CA pinned and the operator's token (from `TERN_TOKEN`/`TERN_CA` or
+/// the config file).
 pub fn client() -> anyhow::Result<reqwest::blocking::Client> {
-    Ok(reqwest::blocking::Client::builder()
-        .timeout(std::time::Duration::from_secs(15))
-        .build()?)
+    Ok(OperatorConfig::from_env()?.blocking_client(std::time::Duration::from_secs(15))?)
 }
 
 pub fn decode<T: DeserializeOwned>(
@@ -105,7 +115,7 @@ pub fn decode<T: DeserializeOwned>(
 
 pub fn get<T: DeserializeOwned>(server: &str, path: &str) -> anyhow::Result<(T, String)> {
     let resp = client()?
-        .get(format!("http://{server}{path}"))
+        .get(url(server, path))
         .send()
         .with_context(|| format!("contacting {server}"))?;
     decode(resp)
@@ -118,7 +128,7 @@ pub fn post<B: serde::Serialize, T: DeserializeOwned>(
     body: &B,
 ) -> anyhow::Result<T> {
     let resp = client()?
-        .post(format!("http://{server}{path}"))
+        .post(url(server, path))
         .json(body)
         .send()
         .with_context(|| format!("contacting {server}"))?;
@@ -127,6 +137,16 @@ pub fn post<B: serde::Serialize, T: DeserializeOwned>(
 
 pub fn run_cluster(args: ClusterArgs) -> anyhow::Result<()> {
     match args.command {
+        ClusterCommand::JoinToken { ttl } => {
+            let ttl_s = tern_node::cron::parse_duration(&ttl)?.as_secs().max(1);
+            let reply: tern_node::access::JoinTokenReply = post(
+                &args.server.server,
+                "/v1/cluster/join-token",
+                &serde_json::json!({ "ttl_s": ttl_s }),
+            )?;
+            println!("{}", reply.token);
+            Ok(())
+        }
         ClusterCommand::Status { json } => {
             let (status, raw): (Status, String) = get(&args.server.server, "/v1/status")?;
             if json {
@@ -184,7 +204,7 @@ pub fn run_host(args: HostArgs) -> anyhow::Result<()> {
         }
         HostCommand::Remove { id } => {
             let resp = client()?
-                .post(format!("http://{server}/v1/members/remove"))
+                .post(url(server, "/v1/members/remove"))
                 .json(&serde_json::json!({ "id": id }))
                 .send()
                 .with_context(|| format!("contacting {server}"))?;

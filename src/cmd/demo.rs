@@ -300,6 +300,13 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
         addrs.join(", "),
         root.display()
     ));
+    // Secure by default: the first node creates the cluster CA and an admin token and writes
+    // them here; the demo (and, with --keep, the user) talks to the cluster with them.
+    let admin_config = tern_node::client::admin_config_path(&root.join("node1"));
+    std::env::set_var("TERN_CONFIG", &admin_config);
+    std::env::remove_var("TERN_TOKEN");
+    std::env::remove_var("TERN_CA");
+    let mut join_token = String::new();
     for (i, addr) in addrs.iter().enumerate() {
         let id = i + 1;
         let log = std::fs::File::create(root.join(format!("node{id}.log")))?;
@@ -315,7 +322,7 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
         if id == 1 {
             cmd.arg("--bootstrap");
         } else {
-            cmd.args(["--join", &addrs[0]]);
+            cmd.args(["--join", &addrs[0], "--join-token", &join_token]);
         }
         cmd.env("RUST_LOG", "info")
             .stdin(Stdio::null())
@@ -328,6 +335,12 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
                     .ok()
                     .filter(|(s, _)| s["leader"] == serde_json::json!(1))
             })?;
+            let reply: tern_node::access::JoinTokenReply = post(
+                &addrs[0],
+                "/v1/cluster/join-token",
+                &serde_json::json!({ "ttl_s": 600 }),
+            )?;
+            join_token = reply.token;
         }
     }
     let server = addrs[0].clone();
@@ -625,7 +638,10 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
             "the cluster keeps running (node PIDs {}); try:",
             pids.join(" ")
         );
-        println!("  export TERN_SERVER={server}");
+        println!(
+            "  export TERN_SERVER={server} TERN_CONFIG={}",
+            admin_config.display()
+        );
         println!("  tern cluster status; tern vm list; tern drs status; tern audit");
         println!("  tern migrate vm1 --to 2 --wait");
         // The VMs are processes of their own (`tern vmm`), outliving their nodes.

@@ -8,6 +8,7 @@ pub mod migrate;
 pub mod node;
 pub mod placement;
 pub mod sim;
+pub mod token;
 pub mod vm;
 pub mod vm_migrate;
 pub mod vmm;

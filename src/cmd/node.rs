@@ -27,6 +27,9 @@ pub struct NodeArgs {
     /// Join the cluster through any member's address (ignored when restarting a member).
     #[arg(long)]
     join: Option<String>,
+    /// The join token a new node presents (`tern cluster join-token` on the cluster).
+    #[arg(long, env = "TERN_JOIN_TOKEN", hide_env_values = true)]
+    join_token: Option<String>,
     /// Shared datastore directory for VM configs and disks (the same path on every node).
     #[arg(long)]
     datastore: Option<PathBuf>,
@@ -73,6 +76,7 @@ pub fn run(args: NodeArgs) -> anyhow::Result<()> {
         data: args.data,
         bootstrap: args.bootstrap,
         join: args.join,
+        join_token: args.join_token,
         datastore: args.datastore,
         migrate_bandwidth_mib: args.migrate_bandwidth_mib,
         capacity_memory_mib: args.capacity_memory_mib,

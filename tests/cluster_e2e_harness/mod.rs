@@ -7,8 +7,8 @@ use std::time::Duration;
 use serde_json::{json, Value};
 
 use crate::support::proxy::ProxyNet;
-#[allow(unused_imports)] // not every test crate needs both
-pub use crate::support::{kvm_or_skip, wait_for};
+#[allow(unused_imports)] // not every test crate needs all of them
+pub use crate::support::{api, kvm_or_skip, wait_for};
 
 pub struct Node {
     pub id: u64,
@@ -59,6 +59,8 @@ pub struct Cluster {
     pub dir: tempfile::TempDir,
     /// Proxies in front of every node's peer address (see `start_partitionable`).
     pub proxies: Option<ProxyNet>,
+    /// What joining nodes present (minted once the bootstrap node leads).
+    pub join_token: Option<String>,
 }
 
 /// A random 127.a.b.0/24 network per test so concurrent runs never share ports.
@@ -74,15 +76,13 @@ fn net() -> (u8, u8) {
     )
 }
 
-pub fn client() -> reqwest::blocking::Client {
-    reqwest::blocking::Client::builder()
-        .timeout(Duration::from_secs(5))
-        .build()
-        .unwrap()
+/// An admin client for `addr`'s cluster (TLS with the cluster CA pinned, bearer token).
+pub fn client(addr: &str) -> Option<reqwest::blocking::Client> {
+    api::client(addr, Duration::from_secs(5))
 }
 
 pub fn get(addr: &str, path: &str) -> Option<Value> {
-    let resp = client().get(format!("http://{addr}{path}")).send().ok()?;
+    let resp = client(addr)?.get(api::url(addr, path)).send().ok()?;
     if !resp.status().is_success() {
         return None;
     }
@@ -91,8 +91,9 @@ pub fn get(addr: &str, path: &str) -> Option<Value> {
 
 /// POST, returning (status, body).
 pub fn post(addr: &str, path: &str, body: &Value) -> (u16, Value) {
-    let resp = client()
-        .post(format!("http://{addr}{path}"))
+    let resp = client(addr)
+        .expect("the cluster's admin config")
+        .post(api::url(addr, path))
         .json(body)
         .send()
         .expect("post");
@@ -146,7 +147,10 @@ impl Cluster {
             extra: extra.iter().map(|s| s.to_string()).collect(),
             dir,
             proxies,
+            join_token: None,
         };
+        let addrs: Vec<String> = c.nodes.iter().map(|n| n.addr.clone()).collect();
+        api::register(&c.nodes[0].data, &addrs);
         c.start_node(1, None);
         let seed = c.addr(1);
         wait_for("bootstrap leader", Duration::from_secs(10), || {
@@ -154,6 +158,9 @@ impl Cluster {
                 .filter(|s| s["leader"] == json!(1))
                 .map(|_| ())
         });
+        if n > 1 {
+            c.join_token = Some(api::join_token(&seed));
+        }
         for id in 2..=n {
             c.start_node(id, Some(&seed));
         }
@@ -181,7 +188,12 @@ impl Cluster {
             Some(seed) => cmd.args(["--join", seed]),
             None => cmd.arg("--bootstrap"),
         };
+        if let Some(t) = &self.join_token {
+            cmd.args(["--join-token", t]);
+        }
         cmd.args(&self.extra)
+            // The bootstrap node writes its admin config here, not into the user's home.
+            .env("TERN_CONFIG", api::config_path(&addr))
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
             .stderr(log);
@@ -223,10 +235,46 @@ impl Cluster {
         out
     }
 
+    /// `tern ARGS` with an operator token (`TERN_TOKEN`); panics unless it succeeds.
+    pub fn tern_as(&self, token: &str, args: &[&str]) -> String {
+        self.tern_as_at(&self.live(), token, args)
+    }
+
+    pub fn tern_as_at(&self, server: &str, token: &str, args: &[&str]) -> String {
+        let (ok, out, err) = self.tern_with(server, Some(token), args);
+        assert!(ok, "tern {args:?} failed:\n{out}\n{err}\n{}", self.logs());
+        out
+    }
+
+    /// A new API token named `name` with `role`; returns its secret.
+    pub fn token(&self, name: &str, role: &str) -> String {
+        let out = self.tern_ok(&["token", "create", name, "--role", role, "--json"]);
+        let v: Value = serde_json::from_str(&out).expect("token json");
+        v["token"].as_str().expect("secret").to_string()
+    }
+
     pub fn tern_at(&self, server: &str, args: &[&str]) -> (bool, String, String) {
-        let out = Command::new(env!("CARGO_BIN_EXE_tern"))
+        self.tern_with(server, None, args)
+    }
+
+    /// `tern ARGS` against `server` as admin, or with `token` instead.
+    fn tern_with(
+        &self,
+        server: &str,
+        token: Option<&str>,
+        args: &[&str],
+    ) -> (bool, String, String) {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_tern"));
+        if let Some(t) = token {
+            cmd.env("TERN_TOKEN", t);
+        } else {
+            cmd.env_remove("TERN_TOKEN");
+        }
+        let out = cmd
             .args(args)
             .env("TERN_SERVER", server)
+            .env("TERN_CONFIG", api::config_path(server))
+            .env_remove("TERN_CA")
             .env_remove("TERN_USER")
             .output()
             .expect("run tern");

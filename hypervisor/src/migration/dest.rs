@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use super::compress::{BatchDecoder, FEATURE_ZSTD_PAGES};
 use super::frame::read_frame_into;
 use super::messages::{
-    recv, send, Hello, Message, MAX_PAGES_PER_FRAME, MIN_PROTOCOL_VERSION, PAGE_SIZE,
+    recv, recv_limited, send, Hello, Message, MAX_PAGES_PER_FRAME, MIN_PROTOCOL_VERSION, PAGE_SIZE,
     PROTOCOL_VERSION,
 };
 use super::source::hash_memory;
@@ -96,22 +96,88 @@ where
     result
 }
 
+/// Connections that have not yet said who they are (Hello or Join), at once; when another
+/// arrives the oldest is dropped. Bounds the threads and memory strangers can hold.
+pub const MAX_PENDING: usize = 16;
+/// A connection must deliver its first message within this, in total however it trickles.
+pub const FIRST_MESSAGE_WITHIN: Duration = Duration::from_secs(10);
+/// Largest first message (a Hello: token, VM spec, CPU features); refused from its header.
+pub const MAX_FIRST_MESSAGE: usize = 256 << 10;
+
+/// Reads that fail once `until` has passed, however the peer trickles its bytes.
+struct Deadline<'a> {
+    stream: &'a TcpStream,
+    until: Instant,
+}
+
+impl std::io::Read for Deadline<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let left = self.until.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(std::io::ErrorKind::TimedOut.into());
+        }
+        self.stream.set_read_timeout(Some(left))?;
+        std::io::Read::read(&mut self.stream, buf)
+    }
+}
+
+/// Connections waiting for their first message, oldest first (a clone of each, to drop it).
+#[derive(Default)]
+struct Pending(Mutex<std::collections::VecDeque<(u64, TcpStream)>>);
+
+impl Pending {
+    fn enter(&self, id: u64, stream: &TcpStream) -> std::io::Result<()> {
+        let clone = stream.try_clone()?;
+        let mut q = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        while q.len() >= MAX_PENDING {
+            if let Some((_, oldest)) = q.pop_front() {
+                let _ = oldest.shutdown(Shutdown::Both);
+            }
+        }
+        q.push_back((id, clone));
+        Ok(())
+    }
+
+    fn leave(&self, id: u64) {
+        let mut q = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(i) = q.iter().position(|(c, _)| *c == id) {
+            q.remove(i);
+        }
+    }
+}
+
 fn accept_loop(
     listener: TcpListener,
     tx: Sender<Incoming>,
     busy: Arc<AtomicBool>,
     stop: Arc<AtomicBool>,
 ) {
-    for conn in listener.incoming() {
+    let pending = Arc::new(Pending::default());
+    for (id, conn) in (0u64..).zip(listener.incoming()) {
         if stop.load(Ordering::SeqCst) {
             return;
         }
-        let Ok(mut stream) = conn else { continue };
-        let (tx, busy) = (tx.clone(), busy.clone());
+        let Ok(mut stream) = conn else {
+            // Out of descriptors and the like: do not spin.
+            std::thread::sleep(Duration::from_millis(20));
+            continue;
+        };
+        if pending.enter(id, &stream).is_err() {
+            continue;
+        }
+        let (tx, busy, pending) = (tx.clone(), busy.clone(), pending.clone());
         std::thread::spawn(move || {
-            let _ = stream.set_read_timeout(Some(Duration::from_secs(10)));
             let _ = stream.set_nodelay(true);
-            match recv(&mut stream) {
+            let first = recv_limited(
+                &mut Deadline {
+                    stream: &stream,
+                    until: Instant::now() + FIRST_MESSAGE_WITHIN,
+                },
+                MAX_FIRST_MESSAGE,
+            );
+            pending.leave(id);
+            let _ = stream.set_read_timeout(Some(Duration::from_secs(10)));
+            match first {
                 Ok(Message::Hello(h)) => {
                     if busy.swap(true, Ordering::SeqCst) {
                         let reason =
@@ -137,7 +203,7 @@ fn accept_loop(
                     let reason = format!("expected Hello or Join, got {}", other.name());
                     let _ = send(&mut stream, &Message::Refuse { reason });
                 }
-                Err(e) => tracing::warn!(error = %e, "dropping a bad connection"),
+                Err(e) => tracing::debug!(error = %e, "dropping a bad connection"),
             }
         });
     }

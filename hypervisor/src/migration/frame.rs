@@ -65,6 +65,16 @@ pub fn read_frame_into<R: Read>(
     r: &mut R,
     buf: &mut Vec<u8>,
 ) -> Result<Option<u8>, MigrationError> {
+    read_frame_limited(r, buf, MAX_PAYLOAD)
+}
+
+/// [`read_frame_into`] refusing payloads over `max` bytes before allocating for them (the
+/// first message of a connection not yet authenticated is small).
+pub fn read_frame_limited<R: Read>(
+    r: &mut R,
+    buf: &mut Vec<u8>,
+    max: usize,
+) -> Result<Option<u8>, MigrationError> {
     let mut hdr = [0u8; HEADER_LEN];
     let mut got = 0;
     while got < HEADER_LEN {
@@ -81,6 +91,11 @@ pub fn read_frame_into<R: Read>(
         }
     }
     decode_header(&hdr).and_then(|(kind, len, crc)| {
+        if len > max {
+            return Err(MigrationError::Protocol(format!(
+                "frame length {len} exceeds the limit of {max} here"
+            )));
+        }
         buf.resize(len, 0);
         let payload = &mut buf[..];
         r.read_exact(payload).map_err(|e| {
@@ -175,6 +190,20 @@ mod tests {
                 "flip of bit {bit} went unnoticed"
             );
         }
+    }
+
+    #[test]
+    fn a_frame_over_the_callers_limit_is_refused_from_its_header() {
+        let bytes = encode(3, &[1u8; 100]);
+        let mut buf = Vec::new();
+        // The header alone decides: the payload is never read (nor allocated).
+        let err = read_frame_limited(&mut &bytes[..HEADER_LEN], &mut buf, 99).unwrap_err();
+        assert!(err.to_string().contains("exceeds the limit"), "{err}");
+        assert_eq!(buf.capacity(), 0);
+        assert_eq!(
+            read_frame_limited(&mut &bytes[..], &mut buf, 100).unwrap(),
+            Some(3)
+        );
     }
 
     #[test]

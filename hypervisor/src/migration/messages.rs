@@ -322,6 +322,15 @@ pub fn recv<R: Read>(r: &mut R) -> Result<Message, MigrationError> {
     }
 }
 
+/// Receive one message of at most `max` payload bytes (refused from its header when larger).
+pub fn recv_limited<R: Read>(r: &mut R, max: usize) -> Result<Message, MigrationError> {
+    let mut payload = Vec::new();
+    match super::frame::read_frame_limited(r, &mut payload, max)? {
+        Some(kind) => Message::decode(kind, &payload),
+        None => Err(MigrationError::PeerClosed),
+    }
+}
+
 /// Receive, or `None` on a clean end of stream.
 pub fn recv_opt<R: Read>(r: &mut R) -> Result<Option<Message>, MigrationError> {
     read_frame(r)?

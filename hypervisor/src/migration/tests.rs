@@ -701,3 +701,77 @@ fn auto_compression_falls_back_to_version_1_for_an_old_destination() {
     let err = go(&vm, addr, &cfg).unwrap_err().to_string();
     assert!(err.contains("protocol version 2 not supported"), "{err}");
 }
+
+/// Whether the other end has closed `s` (EOF or reset), without blocking.
+fn closed_by_peer(s: &TcpStream) -> bool {
+    s.set_nonblocking(true).unwrap();
+    let mut b = [0u8; 1];
+    let closed = match std::io::Read::read(&mut &*s, &mut b) {
+        Ok(0) => true,
+        Ok(_) => false,
+        Err(e) => e.kind() != std::io::ErrorKind::WouldBlock,
+    };
+    s.set_nonblocking(false).unwrap();
+    closed
+}
+
+#[test]
+fn a_thousand_slow_connections_hold_nothing_and_a_migration_still_gets_through() {
+    let (addr, dest) = destination(dest_cfg());
+    // Each stranger promises a 200 KiB Hello (under the first-message limit) and sends one
+    // byte of it: before the bound, each held a thread and its claimed payload's buffer.
+    let mut hdr = header(1, &[]);
+    hdr[8..12].copy_from_slice(&(200u32 << 10).to_le_bytes());
+    let slow: Vec<TcpStream> = (0..1000)
+        .map(|_| {
+            let mut s = TcpStream::connect(addr).unwrap();
+            std::io::Write::write_all(&mut s, &hdr).unwrap();
+            std::io::Write::write_all(&mut s, &[0]).unwrap();
+            s
+        })
+        .collect();
+    // All but the newest MAX_PENDING were dropped by the destination (it needs a moment to
+    // accept the last of them).
+    wait_until(Duration::from_secs(30), || {
+        slow.iter().filter(|s| !closed_by_peer(s)).count() <= dest::MAX_PENDING
+    });
+    // A real source still gets through while strangers keep arriving.
+    let stop = Arc::new(AtomicBool::new(false));
+    let attacker = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let mut held = Vec::new();
+            while !stop.load(Ordering::SeqCst) {
+                if let Ok(mut s) = TcpStream::connect(addr) {
+                    let _ = std::io::Write::write_all(&mut s, &hdr[..3]);
+                    held.push(s);
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            held.len()
+        })
+    };
+    let vm = InMemoryTestVm::new(512);
+    for p in 0..100 {
+        vm.guest_write(p, p + 7);
+    }
+    go(&vm, addr, &src_cfg()).unwrap();
+    let (dvm, _) = dest.join().unwrap().unwrap();
+    stop.store(true, Ordering::SeqCst);
+    attacker.join().unwrap();
+    assert_eq!(
+        source::hash_memory(&vm).unwrap(),
+        source::hash_memory(&dvm).unwrap()
+    );
+}
+
+fn wait_until(timeout: Duration, mut ok: impl FnMut() -> bool) {
+    let end = std::time::Instant::now() + timeout;
+    while !ok() {
+        assert!(
+            std::time::Instant::now() < end,
+            "condition not met in {timeout:?}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}

@@ -1,9 +1,9 @@
 //! Raft RPCs, cluster status and state, raw writes, membership.
-use axum::extract::{Json, State};
-use axum::http::HeaderMap;
-use axum::response::IntoResponse;
+use axum::extract::{DefaultBodyLimit, Json, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use axum::Router;
+use axum::{Extension, Router};
 use std::sync::Arc;
 use tern_consensus::network::{APPEND_PATH, SNAPSHOT_PATH, VOTE_PATH};
 use tern_consensus::openraft::raft::{AppendEntriesRequest, InstallSnapshotRequest, VoteRequest};
@@ -11,16 +11,29 @@ use tern_consensus::state::Host;
 use tern_consensus::{ClusterState, TypeConfig};
 
 use super::{is_forwarded, Ctx};
+use crate::auth::Principal;
 use crate::cluster::{redacted, WriteBody, WriteReply};
 use crate::error::ServiceError;
 use crate::host::HostCtx;
 use crate::members::{self, JoinBody, RemoveBody, Status};
+use crate::raft_rpc;
+
+/// Largest Raft request body: a snapshot chunk or an append batch, JSON-encoded.
+pub const RAFT_BODY_LIMIT: usize = 64 << 20;
 
 pub(super) fn router(ctx: Arc<HostCtx>) -> Router {
     Router::new()
-        .route(APPEND_PATH, post(raft_append))
+        // Append batches and snapshot chunks are large; only member nodes get this far (the
+        // auth middleware runs before any body is read).
+        .route(
+            APPEND_PATH,
+            post(raft_append).layer(DefaultBodyLimit::max(RAFT_BODY_LIMIT)),
+        )
         .route(VOTE_PATH, post(raft_vote))
-        .route(SNAPSHOT_PATH, post(raft_snapshot))
+        .route(
+            SNAPSHOT_PATH,
+            post(raft_snapshot).layer(DefaultBodyLimit::max(RAFT_BODY_LIMIT)),
+        )
         .route("/v1/status", get(status))
         .route("/v1/state", get(read_state))
         .route("/v1/hosts", get(list_hosts))
@@ -32,20 +45,30 @@ pub(super) fn router(ctx: Arc<HostCtx>) -> Router {
 
 async fn raft_append(
     State(ctx): Ctx,
+    Extension(who): Extension<Principal>,
     Json(rpc): Json<AppendEntriesRequest<TypeConfig>>,
-) -> impl IntoResponse {
-    Json(ctx.node.raft.append_entries(rpc).await)
+) -> Result<Response, ServiceError> {
+    raft_rpc::check_sender(&who, &rpc.vote)?;
+    raft_rpc::check_append(&rpc).map_err(ServiceError::bad)?;
+    Ok(Json(ctx.node.raft.append_entries(rpc).await).into_response())
 }
 
-async fn raft_vote(State(ctx): Ctx, Json(rpc): Json<VoteRequest<u64>>) -> impl IntoResponse {
-    Json(ctx.node.raft.vote(rpc).await)
+async fn raft_vote(
+    State(ctx): Ctx,
+    Extension(who): Extension<Principal>,
+    Json(rpc): Json<VoteRequest<u64>>,
+) -> Result<Response, ServiceError> {
+    raft_rpc::check_sender(&who, &rpc.vote)?;
+    Ok(Json(ctx.node.raft.vote(rpc).await).into_response())
 }
 
 async fn raft_snapshot(
     State(ctx): Ctx,
+    Extension(who): Extension<Principal>,
     Json(rpc): Json<InstallSnapshotRequest<TypeConfig>>,
-) -> impl IntoResponse {
-    Json(ctx.node.raft.install_snapshot(rpc).await)
+) -> Result<Response, ServiceError> {
+    raft_rpc::check_sender(&who, &rpc.vote)?;
+    Ok(Json(ctx.node.raft.install_snapshot(rpc).await).into_response())
 }
 
 async fn status(State(ctx): Ctx) -> Json<Status> {
@@ -65,15 +88,20 @@ async fn list_hosts(State(ctx): Ctx, headers: HeaderMap) -> Result<Json<Vec<Host
     Ok(Json(state.hosts.values().cloned().collect()))
 }
 
+/// Commit one command. Who did it is the authenticated caller (a member node forwarding an
+/// operator's request names that operator); when is the leader's clock.
 async fn write(
     State(ctx): Ctx,
+    Extension(who): Extension<Principal>,
     headers: HeaderMap,
     Json(body): Json<WriteBody>,
 ) -> Result<Json<WriteReply>, ServiceError> {
-    let actor = body.actor.unwrap_or_else(|| "api".to_string());
+    who.may(&body.command)
+        .map_err(|e| ServiceError::new(StatusCode::FORBIDDEN, e.to_string()))?;
+    let actor = who.actor_for(body.actor);
     let applied = ctx
         .cluster
-        .propose(actor, body.at_ms, body.command, is_forwarded(&headers))
+        .propose(actor, None, body.command, is_forwarded(&headers))
         .await?;
     Ok(Json(WriteReply { applied }))
 }

@@ -2,6 +2,7 @@
 //! Prometheus under /metrics. Handlers only parse the request, call one service and answer;
 //! writes and linearizable reads that reach a follower are forwarded to the leader by the
 //! services (once: a forwarded request is never forwarded again).
+mod access;
 mod cluster;
 mod vms;
 
@@ -14,18 +15,26 @@ use axum::routing::get;
 use axum::Router;
 use metrics_exporter_prometheus::PrometheusHandle;
 
+use crate::access::Access;
 use crate::cluster::FORWARDED;
 use crate::error::ServiceError;
 use crate::host::HostCtx;
+use crate::pki::NodeTls;
 
 type Ctx = State<Arc<HostCtx>>;
 
-pub fn router(ctx: Arc<HostCtx>, prometheus: PrometheusHandle) -> Router {
+/// Every route; the caller layers `auth::authorize` over it (no route is served without it).
+pub fn router(ctx: Arc<HostCtx>, prometheus: PrometheusHandle, tls: Arc<NodeTls>) -> Router {
     let metrics = Router::new()
         .route("/metrics", get(render_metrics))
         .with_state(prometheus);
+    let trust = Access {
+        cluster: ctx.cluster.clone(),
+        tls,
+    };
     cluster::router(ctx.clone())
         .merge(vms::router(ctx))
+        .merge(access::router(trust))
         .merge(metrics)
 }
 

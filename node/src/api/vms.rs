@@ -6,11 +6,12 @@ use std::sync::Arc;
 use axum::extract::{Json, Path, State};
 use axum::http::HeaderMap;
 use axum::routing::{get, post};
-use axum::Router;
+use axum::{Extension, Router};
 use tern_consensus::state::{TaskId, VmState};
 use tern_consensus::Applied;
 
 use super::{is_forwarded, Ctx};
+use crate::auth::Principal;
 use crate::datastore::VmConfig;
 use crate::drs;
 use crate::error::ServiceError;
@@ -43,29 +44,44 @@ pub(super) fn router(ctx: Arc<HostCtx>) -> Router {
         .with_state(ctx)
 }
 
+// Who acts is the authenticated principal (`Principal::actor_for`): an `actor` in the body
+// counts only when a member node forwards it for the operator it authenticated.
+
 async fn create_vm(
     State(ctx): Ctx,
-    Json(body): Json<CreateVmBody>,
+    Extension(who): Extension<Principal>,
+    Json(mut body): Json<CreateVmBody>,
 ) -> Result<Json<CreateVmReply>, ServiceError> {
+    body.actor = Some(who.actor_for(body.actor));
     Ok(Json(vms::create(&ctx, body).await?))
 }
 
 async fn start_vm(
     State(ctx): Ctx,
+    Extension(who): Extension<Principal>,
     Path(name): Path<String>,
 ) -> Result<Json<Applied>, ServiceError> {
-    Ok(Json(vms::set_state(&ctx, name, VmState::Running).await?))
+    Ok(Json(
+        vms::set_state(&ctx, who.actor(), name, VmState::Running).await?,
+    ))
 }
 
-async fn stop_vm(State(ctx): Ctx, Path(name): Path<String>) -> Result<Json<Applied>, ServiceError> {
-    Ok(Json(vms::set_state(&ctx, name, VmState::Stopped).await?))
+async fn stop_vm(
+    State(ctx): Ctx,
+    Extension(who): Extension<Principal>,
+    Path(name): Path<String>,
+) -> Result<Json<Applied>, ServiceError> {
+    Ok(Json(
+        vms::set_state(&ctx, who.actor(), name, VmState::Stopped).await?,
+    ))
 }
 
 async fn destroy_vm(
     State(ctx): Ctx,
+    Extension(who): Extension<Principal>,
     Path(name): Path<String>,
 ) -> Result<Json<Applied>, ServiceError> {
-    Ok(Json(vms::destroy(&ctx, name).await?))
+    Ok(Json(vms::destroy(&ctx, who.actor(), name).await?))
 }
 
 async fn guest_status(
@@ -95,8 +111,10 @@ async fn local_vms(State(ctx): Ctx) -> Json<Vec<LocalInfo>> {
 
 async fn create_migration(
     State(ctx): Ctx,
-    Json(body): Json<MigrationBody>,
+    Extension(who): Extension<Principal>,
+    Json(mut body): Json<MigrationBody>,
 ) -> Result<Json<MigrationReply>, ServiceError> {
+    body.actor = Some(who.actor_for(body.actor));
     Ok(Json(MigrationReply {
         task: migrations::queue_migration(&ctx, body).await?,
     }))
@@ -112,6 +130,7 @@ async fn prepare_inbound(
 /// Cancel a task; the body (`{"actor": ...}`) is optional.
 async fn cancel_task(
     State(ctx): Ctx,
+    Extension(who): Extension<Principal>,
     Path(id): Path<TaskId>,
     body: axum::body::Bytes,
 ) -> Result<Json<Applied>, ServiceError> {
@@ -121,8 +140,8 @@ async fn cancel_task(
         serde_json::from_slice(&body)
             .map_err(|e| ServiceError::bad(format!("bad cancel body: {e}")))?
     };
-    let actor = body.and_then(|b| b.actor);
-    Ok(Json(migrations::cancel(&ctx, id, actor).await?))
+    let actor = who.actor_for(body.and_then(|b| b.actor));
+    Ok(Json(migrations::cancel(&ctx, id, Some(actor)).await?))
 }
 
 async fn task_progress(
@@ -138,9 +157,11 @@ async fn record_load(State(ctx): Ctx, Json(report): Json<LoadReport>) -> Json<se
 
 async fn maintenance(
     State(ctx): Ctx,
+    Extension(who): Extension<Principal>,
     Path(id): Path<u64>,
-    Json(body): Json<MaintenanceBody>,
+    Json(mut body): Json<MaintenanceBody>,
 ) -> Result<Json<Applied>, ServiceError> {
+    body.actor = Some(who.actor_for(body.actor));
     Ok(Json(maintenance::set(&ctx, id, body).await?))
 }
 
