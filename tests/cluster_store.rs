@@ -25,6 +25,7 @@ fn cluster_racing_creates_of_one_name_leave_one_vm_with_its_files() {
                         "vcpus": 1,
                         "workload": "wss=4M",
                         "host": 1 + i % 3,
+                        "disk_mib": 64,
                     });
                     (i, post(&addr, "/v1/vms", &body))
                 })

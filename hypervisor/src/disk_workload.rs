@@ -86,6 +86,13 @@ impl DiskWorkload {
 
     /// Checks the values once all keys are in.
     pub fn validate(&self) -> Result<()> {
+        // Without a disk workload the other keys would be dropped silently (they are not
+        // rendered), so the workload would change on its way to the guest or a destination.
+        if self.bytes == 0 && *self != DiskWorkload::default() {
+            return Err(Error::Workload(
+                "iops, dio and dflush need a disk workload (disk=...)".into(),
+            ));
+        }
         if self.bytes != 0
             && (!self.bytes.is_multiple_of(BLOCK) || !(MIN_BYTES..=MAX_BYTES).contains(&self.bytes))
         {

@@ -213,9 +213,14 @@ impl Workload {
 
     /// Guest RAM this workload needs at least: working set at 16 MiB plus its generation
     /// table (ABI.md memory layout), rounded up to a page.
+    /// Saturates at the largest page multiple for absurd sizes (never overflows).
     pub fn min_memory(&self) -> u64 {
         let pages = self.wss / 4096;
-        (0x0100_0000 + self.wss + pages * 4).next_multiple_of(4096)
+        0x0100_0000u64
+            .saturating_add(self.wss)
+            .saturating_add(pages.saturating_mul(4))
+            .checked_next_multiple_of(4096)
+            .unwrap_or(u64::MAX - 4095)
     }
 }
 

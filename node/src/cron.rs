@@ -150,7 +150,10 @@ pub fn parse_time(s: &str, now_ms: u64) -> Result<u64, String> {
     let s = s.trim();
     if let Some(rel) = s.strip_prefix('+') {
         let d = parse_duration(rel).map_err(|e| e.to_string())?;
-        return Ok(now_ms + d.as_millis() as u64);
+        return u64::try_from(d.as_millis())
+            .ok()
+            .and_then(|ms| now_ms.checked_add(ms))
+            .ok_or_else(|| format!("time {s:?} is too far in the future"));
     }
     if let Ok(n) = s.parse::<u64>() {
         // Seconds until the year 2286, milliseconds after.
@@ -190,10 +193,12 @@ pub fn parse_time(s: &str, now_ms: u64) -> Result<u64, String> {
         return Err(bad());
     }
     let days = days_from_civil(i64::from(d[0]), d[1], d[2]);
-    let secs = days * 86_400 + i64::from(t[0] * 3600 + t[1] * 60 + t.get(2).copied().unwrap_or(0));
-    u64::try_from(secs * 1000)
-        .map(|ms| ms + frac_ms)
-        .map_err(|_| bad())
+    let secs = i64::from(t[0] * 3600 + t[1] * 60 + t.get(2).copied().unwrap_or(0));
+    days.checked_mul(86_400_000)
+        .and_then(|ms| ms.checked_add(secs * 1000))
+        .and_then(|ms| u64::try_from(ms).ok())
+        .and_then(|ms| ms.checked_add(frac_ms))
+        .ok_or_else(bad)
 }
 
 /// Parses `10s`, `500ms`, `2m`, `1h` or plain seconds.

@@ -150,11 +150,12 @@ pub fn divvy(capacity: f64, claims: &[Claim]) -> Vec<f64> {
     }
     let mut out: Vec<f64> = claims.iter().map(|c| c.reservation.min(c.want)).collect();
     let mut rest = capacity - total_res;
-    // Without contention everyone gets its want: the water-fill below would serve each
-    // sibling its whole extra in turn, so skip its O(n log n) sort (the slack keeps rounding
-    // from deciding it).
+    // Without contention everyone gets its want (the water-fill below would serve each
+    // sibling its whole extra in turn), so skip its O(n log n) sort. A parent that is not
+    // contended is entitled to exactly its children's wants, so the sums are compared with
+    // slack for the order they were added in.
     let total_extra: f64 = claims.iter().zip(&out).map(|(c, o)| c.want - o).sum();
-    if total_extra <= rest * (1.0 - 1e-9) {
+    if total_extra <= rest * (1.0 + 1e-12) {
         for (o, c) in out.iter_mut().zip(claims) {
             *o += c.want - *o;
         }

@@ -63,11 +63,15 @@ fn a_refreshed_cluster_plans_as_one_built_from_the_snapshot() {
         let s = example(12, 120, seed);
         let mut kept = Cluster::new(s.clone()).expect("valid");
         let (next, states, updates) = next_pass(&s, seed + 100);
-        kept.refresh(next.now_s, &states, &updates).expect("refresh");
+        kept.refresh(next.now_s, &states, &updates)
+            .expect("refresh");
         let built = Cluster::new(next.clone()).expect("valid");
         assert_eq!(kept.snapshot(), built.snapshot());
         let cfg = Config::default();
-        let (a, b) = (balance(&kept, &cfg).unwrap(), balance(&built, &cfg).unwrap());
+        let (a, b) = (
+            balance(&kept, &cfg).unwrap(),
+            balance(&built, &cfg).unwrap(),
+        );
         assert_eq!(a.moves, b.moves, "seed {seed}");
         assert_eq!(a.imbalance_before, b.imbalance_before);
         for v in &next.vms {
@@ -88,7 +92,10 @@ fn a_bad_refresh_is_refused_and_changes_nothing() {
     updates[3].cpu_demand_mhz = f64::NAN;
     assert!(matches!(
         kept.refresh(next.now_s, &states, &updates),
-        Err(SnapshotError::BadNumber { field: "cpu_demand_mhz", .. })
+        Err(SnapshotError::BadNumber {
+            field: "cpu_demand_mhz",
+            ..
+        })
     ));
     updates[3].cpu_demand_mhz = 1.0;
     updates[4].host = 99;

@@ -421,6 +421,15 @@ impl FleetToml {
         if !positive(self.interval_s) || !positive(days) {
             return Err("interval_s and days must be positive".into());
         }
+        if days > MAX_DAYS {
+            return Err(format!("days = {days} is more than {MAX_DAYS}"));
+        }
+        for (what, sizes) in [("host", &host_sizes), ("vm", &vm_sizes)] {
+            let n = sizes.iter().fold(0usize, |a, &b| a.saturating_add(b));
+            if n > MAX_MACHINES {
+                return Err(format!("{n} {what}s is more than {MAX_MACHINES}"));
+            }
+        }
         let mut r = rng(seed);
         let hours = (days * 24.0).ceil() as usize + 1;
         let mut hosts = Vec::new();
@@ -482,6 +491,11 @@ impl FleetToml {
         })
     }
 }
+
+/// Most hosts, and most VMs, a fleet file may describe, and the longest run in days: a file
+/// beyond them is refused instead of exhausting memory (or overflowing the hour count).
+pub const MAX_MACHINES: usize = 10_000_000;
+pub const MAX_DAYS: f64 = 36_600.0;
 
 /// A finite number above zero (NaN and infinity are refused).
 pub fn positive(x: f64) -> bool {

@@ -24,6 +24,17 @@ struct MachineData {
     state: Arc<ClusterState>,
 }
 
+/// Decodes snapshot data exactly as `install_snapshot` does.
+fn decode_data(bytes: &[u8]) -> Result<MachineData, serde_json::Error> {
+    serde_json::from_slice(bytes)
+}
+
+/// The replicated state inside a snapshot's data, decoded as installing the snapshot decodes
+/// it (for fuzzing and tools).
+pub fn decode_snapshot(bytes: &[u8]) -> Result<Arc<ClusterState>, serde_json::Error> {
+    decode_data(bytes).map(|d| d.state)
+}
+
 /// The latest applied state, as seen by subscribers and readers.
 #[derive(Clone, Debug, Default)]
 pub struct StateView {
@@ -206,7 +217,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         snapshot: Box<Cursor<Vec<u8>>>,
     ) -> Result<(), StorageError> {
         let bytes = snapshot.into_inner();
-        let mut incoming: MachineData = serde_json::from_slice(&bytes).map_err(read_err)?;
+        let mut incoming = decode_data(&bytes).map_err(read_err)?;
         incoming.last_applied = meta.last_log_id;
         incoming.membership = meta.last_membership.clone();
         self.tree

@@ -4,7 +4,7 @@ mod log;
 mod machine;
 
 pub use log::LogStore;
-pub use machine::{AppliedEvent, StateMachineStore, StateView};
+pub use machine::{decode_snapshot, AppliedEvent, StateMachineStore, StateView};
 
 use openraft::{AnyError, StorageIOError};
 

@@ -256,7 +256,9 @@ where
     }
 }
 
-fn check_hello(cfg: &ReceiveConfig, h: &Hello) -> Result<(), String> {
+/// The destination's checks of a `Hello` (version, token, memory layout, streams, CPU), before
+/// it builds a VM; the reason is sent back in a `Refuse`. Public for fuzzing.
+pub fn check_hello(cfg: &ReceiveConfig, h: &Hello) -> Result<(), String> {
     if !(MIN_PROTOCOL_VERSION..=PROTOCOL_VERSION).contains(&h.version) {
         return Err(format!(
             "protocol version {} not supported (this destination speaks \
