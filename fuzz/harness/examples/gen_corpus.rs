@@ -413,6 +413,7 @@ fn commands(state: &ClusterState) -> Vec<(&'static str, Command)> {
                     enabled: true,
                     last_fired_ms: None,
                     last_error: None,
+                    created_by: String::new(),
                 },
             },
         ),
