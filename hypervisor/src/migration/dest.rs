@@ -7,8 +7,9 @@ use std::time::{Duration, Instant};
 
 use super::compress::{BatchDecoder, FEATURE_ZSTD_PAGES};
 use super::frame::read_frame_into;
+use super::link::{self, Link};
 use super::messages::{
-    recv, recv_limited, send, Hello, Message, MAX_PAGES_PER_FRAME, MIN_PROTOCOL_VERSION, PAGE_SIZE,
+    recv, send, Hello, Message, MAX_PAGES_PER_FRAME, MIN_PROTOCOL_VERSION, PAGE_SIZE,
     PROTOCOL_VERSION,
 };
 use super::source::hash_memory;
@@ -27,6 +28,9 @@ pub struct ReceiveConfig {
     pub accept_timeout: Option<Duration>,
     /// Timeout for each step once a migration runs.
     pub io_timeout: Duration,
+    /// TLS every stream must use (the server's certificate and the verifier of sources'
+    /// certificates, from the caller); `None`: plain TCP.
+    pub tls: Option<Arc<rustls::ServerConfig>>,
 }
 
 impl Default for ReceiveConfig {
@@ -36,6 +40,7 @@ impl Default for ReceiveConfig {
             cpu_features: Vec::new(),
             accept_timeout: None,
             io_timeout: Duration::from_secs(30),
+            tls: None,
         }
     }
 }
@@ -57,9 +62,9 @@ pub struct ReceiveStats {
 }
 
 enum Incoming {
-    Control(TcpStream, Hello),
+    Control(Link, Hello),
     Join {
-        stream: TcpStream,
+        stream: Link,
         session: u64,
         index: u16,
         token: String,
@@ -83,8 +88,8 @@ where
     let (tx, rx) = mpsc::channel();
     let acceptor = {
         let listener = listener.try_clone()?;
-        let (busy, stop) = (busy.clone(), stop.clone());
-        std::thread::spawn(move || accept_loop(listener, tx, busy, stop))
+        let (busy, stop, tls) = (busy.clone(), stop.clone(), cfg.tls.clone());
+        std::thread::spawn(move || accept_loop(listener, tls, tx, busy, stop))
     };
     let result = receive_inner(cfg, &rx, &busy, &mut make_vm);
     stop.store(true, Ordering::SeqCst);
@@ -103,23 +108,6 @@ pub const MAX_PENDING: usize = 16;
 pub const FIRST_MESSAGE_WITHIN: Duration = Duration::from_secs(10);
 /// Largest first message (a Hello: token, VM spec, CPU features); refused from its header.
 pub const MAX_FIRST_MESSAGE: usize = 256 << 10;
-
-/// Reads that fail once `until` has passed, however the peer trickles its bytes.
-struct Deadline<'a> {
-    stream: &'a TcpStream,
-    until: Instant,
-}
-
-impl std::io::Read for Deadline<'_> {
-    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        let left = self.until.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            return Err(std::io::ErrorKind::TimedOut.into());
-        }
-        self.stream.set_read_timeout(Some(left))?;
-        std::io::Read::read(&mut self.stream, buf)
-    }
-}
 
 /// Connections waiting for their first message, oldest first (a clone of each, to drop it).
 #[derive(Default)]
@@ -148,6 +136,7 @@ impl Pending {
 
 fn accept_loop(
     listener: TcpListener,
+    tls: Option<Arc<rustls::ServerConfig>>,
     tx: Sender<Incoming>,
     busy: Arc<AtomicBool>,
     stop: Arc<AtomicBool>,
@@ -157,7 +146,7 @@ fn accept_loop(
         if stop.load(Ordering::SeqCst) {
             return;
         }
-        let Ok(mut stream) = conn else {
+        let Ok(stream) = conn else {
             // Out of descriptors and the like: do not spin.
             std::thread::sleep(Duration::from_millis(20));
             continue;
@@ -165,18 +154,25 @@ fn accept_loop(
         if pending.enter(id, &stream).is_err() {
             continue;
         }
-        let (tx, busy, pending) = (tx.clone(), busy.clone(), pending.clone());
+        let (tx, busy, pending, tls) = (tx.clone(), busy.clone(), pending.clone(), tls.clone());
         std::thread::spawn(move || {
             let _ = stream.set_nodelay(true);
-            let first = recv_limited(
-                &mut Deadline {
-                    stream: &stream,
-                    until: Instant::now() + FIRST_MESSAGE_WITHIN,
-                },
-                MAX_FIRST_MESSAGE,
-            );
+            // TLS first (the source's certificate checked), then its first message: both
+            // within one deadline, into bounded buffers.
+            let until = Instant::now() + FIRST_MESSAGE_WITHIN;
+            let first = link::accept_first(stream, tls.as_ref(), until, MAX_FIRST_MESSAGE);
             pending.leave(id);
-            let _ = stream.set_read_timeout(Some(Duration::from_secs(10)));
+            let (mut stream, first) = match first {
+                Ok((link, first)) => (link, Ok::<Message, MigrationError>(first)),
+                Err(e) => {
+                    tracing::debug!(error = %e, "dropping a connection before its first message");
+                    return;
+                }
+            };
+            let _ = stream.tcp().set_read_timeout(Some(Duration::from_secs(10)));
+            let _ = stream
+                .tcp()
+                .set_write_timeout(Some(Duration::from_secs(10)));
             match first {
                 Ok(Message::Hello(h)) => {
                     if busy.swap(true, Ordering::SeqCst) {
@@ -251,7 +247,7 @@ where
             }
         };
         let session = session_id();
-        control.set_read_timeout(Some(cfg.io_timeout))?;
+        control.tcp().set_read_timeout(Some(cfg.io_timeout))?;
         // Accept every protocol feature this build knows of those the source offers.
         let features = hello.features & FEATURE_ZSTD_PAGES;
         send(&mut control, &Message::Welcome { session, features })?;
@@ -320,12 +316,12 @@ fn run_session<V: MigratableVm>(
     cfg: &ReceiveConfig,
     rx: &Receiver<Incoming>,
     vm: &V,
-    mut control: TcpStream,
+    mut control: Link,
     hello: &Hello,
     session: u64,
 ) -> Result<ReceiveStats, MigrationError> {
     // Collect the data streams.
-    let mut streams: Vec<Option<TcpStream>> = (0..hello.streams).map(|_| None).collect();
+    let mut streams: Vec<Option<Link>> = (0..hello.streams).map(|_| None).collect();
     let join_deadline = Instant::now() + cfg.io_timeout;
     while streams.iter().any(Option::is_none) {
         match rx.recv_timeout(join_deadline.saturating_duration_since(Instant::now())) {
@@ -338,8 +334,8 @@ fn run_session<V: MigratableVm>(
                 let slot = streams.get_mut(index as usize);
                 match slot {
                     Some(slot @ None) if s == session && token == cfg.token => {
-                        stream.set_read_timeout(Some(cfg.io_timeout))?;
-                        limit_socket_buffers(&stream, DATA_STREAM_BUFFER);
+                        stream.tcp().set_read_timeout(Some(cfg.io_timeout))?;
+                        limit_socket_buffers(stream.tcp(), DATA_STREAM_BUFFER);
                         *slot = Some(stream);
                     }
                     _ => {
@@ -360,20 +356,25 @@ fn run_session<V: MigratableVm>(
             }
         }
     }
-    let streams: Vec<TcpStream> = streams.into_iter().flatten().collect();
+    let mut streams: Vec<Link> = streams.into_iter().flatten().collect();
+    // The sockets underneath, to end every stream from any thread.
+    let sockets = streams
+        .iter()
+        .map(|s| s.tcp().try_clone())
+        .collect::<Result<Vec<TcpStream>, _>>()?;
     let counters = Mutex::new(ReceiveStats::default());
     let written = WrittenPages::new(vm.memory_bytes() / PAGE_SIZE as u64);
     let compressed_ok = hello.features & FEATURE_ZSTD_PAGES != 0;
     let (etx, erx) = mpsc::channel();
     std::thread::scope(|scope| {
-        for (index, stream) in streams.iter().enumerate() {
-            let (etx, counters, control) = (etx.clone(), &counters, control.try_clone());
+        let nstreams = streams.len();
+        for (index, stream) in streams.iter_mut().enumerate() {
+            let (etx, counters, control) = (etx.clone(), &counters, control.tcp().try_clone());
             let written = &written;
             scope.spawn(move || {
-                let mut stream = stream;
                 let r = read_stream(
                     vm,
-                    &mut stream,
+                    stream,
                     index as u16,
                     &etx,
                     counters,
@@ -390,7 +391,7 @@ fn run_session<V: MigratableVm>(
             });
         }
         drop(etx);
-        let result = control_loop(vm, &mut control, &erx, streams.len(), &counters);
+        let result = control_loop(vm, &mut control, &erx, nstreams, &counters);
         if let Err(e) = &result {
             let _ = send(
                 &mut control,
@@ -400,7 +401,7 @@ fn run_session<V: MigratableVm>(
             );
         }
         // Release the readers in every case.
-        for s in &streams {
+        for s in &sockets {
             let _ = s.shutdown(Shutdown::Both);
         }
         // A stream failure that woke us explains the control error better.
@@ -414,7 +415,7 @@ fn run_session<V: MigratableVm>(
 
 fn control_loop<V: MigratableVm>(
     vm: &V,
-    control: &mut TcpStream,
+    control: &mut Link,
     erx: &Receiver<StreamEvent>,
     nstreams: usize,
     counters: &Mutex<ReceiveStats>,
@@ -492,9 +493,14 @@ fn control_loop<V: MigratableVm>(
 /// Wait until the control stream has data. Pre-copy can keep it quiet for long; that is fine
 /// while the data streams make progress, and a timeout once they stall too.
 fn wait_for_control(
-    control: &TcpStream,
+    control: &mut Link,
     counters: &Mutex<ReceiveStats>,
 ) -> Result<(), MigrationError> {
+    // TLS may hold a message it already decrypted: then there is no need to wait.
+    if control.has_buffered()? {
+        return Ok(());
+    }
+    let control = control.tcp();
     let timeout = control.read_timeout()?.unwrap_or(Duration::from_secs(30));
     let mut last = lock(counters).bytes_received;
     let mut idle_since = Instant::now();
@@ -582,7 +588,7 @@ fn apply_pages<V: MigratableVm>(
 /// Apply one data stream to guest memory until it ends.
 fn read_stream<V: MigratableVm>(
     vm: &V,
-    stream: &mut &TcpStream,
+    stream: &mut Link,
     index: u16,
     events: &Sender<StreamEvent>,
     counters: &Mutex<ReceiveStats>,

@@ -29,6 +29,8 @@ pub struct MigrationConfig {
     pub io_timeout: Duration,
     /// zstd compression of page batches (negotiated; `auto` only where it is faster).
     pub compression: Compression,
+    /// TLS to the destination (certificates the caller supplies); `None`: plain TCP.
+    pub tls: Option<super::link::ClientTls>,
 }
 
 impl Default for MigrationConfig {
@@ -46,6 +48,7 @@ impl Default for MigrationConfig {
             verify_hash: false,
             io_timeout: Duration::from_secs(30),
             compression: Compression::Auto,
+            tls: None,
         }
     }
 }

@@ -1,6 +1,8 @@
 //! The sending side: handshake, first pass, dirty rounds, stop-and-copy, switchover gate.
 use std::io::Write;
 use std::net::{Shutdown, SocketAddr, TcpStream};
+
+use super::link::Link;
 use std::time::{Duration, Instant};
 
 use super::bitmap::PageBitmap;
@@ -70,7 +72,7 @@ pub fn migrate<V: MigratableVm>(
         Ok(_) => {}
     }
     for s in run.streams.iter().chain(run.control.iter()) {
-        let _ = s.shutdown(Shutdown::Both);
+        let _ = s.tcp().shutdown(Shutdown::Both);
     }
     result
 }
@@ -80,8 +82,8 @@ struct Run<'a, V> {
     cfg: &'a MigrationConfig,
     cancel: &'a CancelToken,
     limiter: RateLimiter,
-    control: Option<TcpStream>,
-    streams: Vec<TcpStream>,
+    control: Option<Link>,
+    streams: Vec<Link>,
     /// One per data stream, with the compression the destination accepted.
     encoders: Vec<BatchEncoder>,
     stats: MigrationStats,
@@ -117,12 +119,16 @@ impl<'a, V: MigratableVm> Run<'a, V> {
         }
     }
 
-    fn connect(&self, addr: SocketAddr) -> Result<TcpStream, MigrationError> {
+    /// A new stream to the destination, its TLS handshake done when the config asks for TLS.
+    fn connect(&self, addr: SocketAddr, buffer: Option<usize>) -> Result<Link, MigrationError> {
         let s = TcpStream::connect_timeout(&addr, self.cfg.io_timeout)?;
         s.set_nodelay(true)?;
         s.set_read_timeout(Some(self.cfg.io_timeout))?;
         s.set_write_timeout(Some(self.cfg.io_timeout))?;
-        Ok(s)
+        if let Some(bytes) = buffer {
+            limit_socket_buffers(&s, bytes);
+        }
+        Link::connect(s, self.cfg.tls.as_ref())
     }
 
     /// Hello at `version` on a new control stream; the Welcome's session and features.
@@ -131,9 +137,9 @@ impl<'a, V: MigratableVm> Run<'a, V> {
         addr: SocketAddr,
         version: u32,
         streams: u16,
-    ) -> Result<(TcpStream, u64, u32), MigrationError> {
+    ) -> Result<(Link, u64, u32), MigrationError> {
         let vm = self.vm;
-        let mut control = self.connect(addr)?;
+        let mut control = self.connect(addr, None)?;
         let hello = Hello {
             version,
             token: self.cfg.token.clone(),
@@ -200,8 +206,7 @@ impl<'a, V: MigratableVm> Run<'a, V> {
         self.control = Some(control);
         self.stats.handshake = start.elapsed();
         for i in 0..streams {
-            let mut s = self.connect(addr)?;
-            limit_socket_buffers(&s, DATA_STREAM_BUFFER);
+            let mut s = self.connect(addr, Some(DATA_STREAM_BUFFER))?;
             send(
                 &mut s,
                 &Message::Join {
@@ -427,7 +432,7 @@ struct StreamCounts {
 
 fn send_stream<V: MigratableVm>(
     vm: &V,
-    stream: &mut TcpStream,
+    stream: &mut Link,
     encoder: &mut BatchEncoder,
     pfns: impl Iterator<Item = u64>,
     epoch: u64,
@@ -442,31 +447,30 @@ fn send_stream<V: MigratableVm>(
         raw_len: 0,
         data: Vec::new(),
     });
-    let mut flush_batch =
-        |batch: &mut PageBatch, stream: &mut TcpStream, counts: &mut StreamCounts| {
-            cancel.check()?;
-            let n = batch.len() as u64;
-            counts.pages += n;
-            let plain = batch.take_payload();
-            counts.plain_bytes += plain.len() as u64 + 16;
-            let (kind, payload) = match encoder.encode(plain) {
-                Encoded::Plain(p) => (pages_kind, p),
-                Encoded::Compressed(z) => {
-                    counts.compressed_pages += n;
-                    (zpages_kind, z)
-                }
-            };
-            let t = Instant::now();
-            limiter.acquire(payload.len(), cancel)?;
-            write_frame(stream, kind, payload)?;
-            let wire = payload.len();
-            encoder
-                .estimate
-                .record_write(wire, t.elapsed(), kind == zpages_kind);
-            counts.bytes += wire as u64 + 16;
-            batch.clear();
-            Ok::<_, MigrationError>(())
+    let mut flush_batch = |batch: &mut PageBatch, stream: &mut Link, counts: &mut StreamCounts| {
+        cancel.check()?;
+        let n = batch.len() as u64;
+        counts.pages += n;
+        let plain = batch.take_payload();
+        counts.plain_bytes += plain.len() as u64 + 16;
+        let (kind, payload) = match encoder.encode(plain) {
+            Encoded::Plain(p) => (pages_kind, p),
+            Encoded::Compressed(z) => {
+                counts.compressed_pages += n;
+                (zpages_kind, z)
+            }
         };
+        let t = Instant::now();
+        limiter.acquire(payload.len(), cancel)?;
+        write_frame(stream, kind, payload)?;
+        let wire = payload.len();
+        encoder
+            .estimate
+            .record_write(wire, t.elapsed(), kind == zpages_kind);
+        counts.bytes += wire as u64 + 16;
+        batch.clear();
+        Ok::<_, MigrationError>(())
+    };
     for pfn in pfns {
         if batch
             .push(pfn, |buf| vm.read_page(pfn, buf))

@@ -775,3 +775,127 @@ fn wait_until(timeout: Duration, mut ok: impl FnMut() -> bool) {
         std::thread::sleep(Duration::from_millis(100));
     }
 }
+
+/// A CA, and rustls configurations for a destination named `node-2.tern` and a source named
+/// `node-1.tern` signed by it; plus a source with a certificate from another CA.
+struct TestPki {
+    server: Arc<rustls::ServerConfig>,
+    client: ClientTls,
+    foreign: ClientTls,
+}
+
+fn test_pki() -> TestPki {
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let ca = |_: ()| {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        (p.self_signed(&key).unwrap(), key)
+    };
+    let leaf = |ca: &(rcgen::Certificate, rcgen::KeyPair), name: &str| {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let p = rcgen::CertificateParams::new(vec![name.to_string()]).unwrap();
+        let cert = p.signed_by(&key, &ca.0, &ca.1).unwrap();
+        (
+            vec![cert.der().clone()],
+            PrivateKeyDer::Pkcs8(key.serialize_der().into()),
+        )
+    };
+    let roots = |ca: &(rcgen::Certificate, rcgen::KeyPair)| {
+        let mut r = rustls::RootCertStore::empty();
+        r.add(CertificateDer::from(ca.0.der().to_vec())).unwrap();
+        Arc::new(r)
+    };
+    let (cluster, other) = (ca(()), ca(()));
+    let (chain, key) = leaf(&cluster, "node-2.tern");
+    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+        roots(&cluster),
+        provider.clone(),
+    )
+    .build()
+    .unwrap();
+    let server = rustls::ServerConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(chain, key)
+        .unwrap();
+    let client = |signer: &(rcgen::Certificate, rcgen::KeyPair)| {
+        let (chain, key) = leaf(signer, "node-1.tern");
+        let cfg = rustls::ClientConfig::builder_with_provider(provider.clone())
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots(&cluster))
+            .with_client_auth_cert(chain, key)
+            .unwrap();
+        ClientTls {
+            config: Arc::new(cfg),
+            server_name: ServerName::try_from("node-2.tern".to_string()).unwrap(),
+        }
+    };
+    TestPki {
+        server: Arc::new(server),
+        client: client(&cluster),
+        foreign: client(&other),
+    }
+}
+
+#[test]
+fn migrates_over_mutual_tls_and_refuses_sources_without_a_cluster_certificate() {
+    let pki = test_pki();
+    let vm = InMemoryTestVm::new(2048);
+    for p in 0..800 {
+        vm.guest_write(p, p * 5 + 3);
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let guest = vm.run_guest(10, stop.clone());
+    let (addr, dest) = destination(ReceiveConfig {
+        tls: Some(pki.server.clone()),
+        ..dest_cfg()
+    });
+    // Plain TCP, a certificate from another CA, and a source expecting another destination
+    // name: each refused, and the destination goes on waiting.
+    let plain = go(&InMemoryTestVm::new(16), addr, &src_cfg());
+    assert!(plain.is_err(), "{plain:?}");
+    let foreign = go(
+        &InMemoryTestVm::new(16),
+        addr,
+        &MigrationConfig {
+            tls: Some(pki.foreign.clone()),
+            ..src_cfg()
+        },
+    );
+    assert!(foreign.is_err(), "{foreign:?}");
+    let mut wrong_name = pki.client.clone();
+    wrong_name.server_name =
+        rustls::pki_types::ServerName::try_from("node-3.tern".to_string()).unwrap();
+    let err = go(
+        &InMemoryTestVm::new(16),
+        addr,
+        &MigrationConfig {
+            tls: Some(wrong_name),
+            ..src_cfg()
+        },
+    )
+    .unwrap_err();
+    assert!(err.to_string().contains("TLS"), "{err}");
+    // The real source gets through, encrypted, with identical memory.
+    let stats = go(
+        &vm,
+        addr,
+        &MigrationConfig {
+            tls: Some(pki.client.clone()),
+            ..src_cfg()
+        },
+    )
+    .unwrap();
+    stop.store(true, Ordering::SeqCst);
+    guest.join().unwrap();
+    let (dvm, _) = dest.join().unwrap().unwrap();
+    assert_eq!(
+        source::hash_memory(&vm).unwrap(),
+        source::hash_memory(&dvm).unwrap()
+    );
+    assert_eq!(stats.memory_hash, Some(source::hash_memory(&dvm).unwrap()));
+}
