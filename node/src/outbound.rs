@@ -205,15 +205,20 @@ fn step(ctx: &Arc<HostCtx>, state: &ClusterState) {
     let (ctx, task) = (ctx.clone(), task.clone());
     std::thread::spawn(move || {
         run_task(&ctx, task.clone(), &token);
-        ctx.cancels
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&task.id);
-        ctx.progress
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&task.id);
+        forget_task(&ctx, task.id);
     });
+}
+
+/// Drop task `id`'s cancel token and progress once its thread is done with it.
+fn forget_task(ctx: &HostCtx, id: u64) {
+    ctx.cancels
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .remove(&id);
+    ctx.progress
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .remove(&id);
 }
 
 fn run_task(ctx: &Arc<HostCtx>, task: MigrationTask, cancel: &CancelToken) {
@@ -248,14 +253,7 @@ pub fn carry_on(ctx: &Arc<HostCtx>, task: MigrationTask) {
         tracing::info!(task = task.id, vm = %task.vm, "carrying on with the migration");
         let result = resume(&ctx, &task, &token);
         conclude(&ctx, &task, &token, result);
-        ctx.cancels
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&task.id);
-        ctx.progress
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&task.id);
+        forget_task(&ctx, task.id);
     });
 }
 
