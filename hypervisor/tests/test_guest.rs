@@ -148,16 +148,25 @@ fn content_option_decides_how_compressible_pages_are() {
         });
         let pages = written_pages(&mut vm, st.wss_pages, 256);
         assert_eq!(pages.len(), 256, "{content}");
-        for (i, gen, page) in &pages {
-            for w in 0..512u64 {
-                let got = u64::from_le_bytes(page[w as usize * 8..][..8].try_into().unwrap());
-                let want = match (content, w % 4) {
-                    ("compressible", 1..) => u64::from(*gen),
-                    _ => page_word(*i, u64::from(*gen), w),
-                };
-                assert_eq!(got, want, "{content}: page {i} word {w} gen {gen}");
-            }
-        }
+        // The pause can land while the one vCPU is rewriting a page, so at most one page may
+        // be caught between its old and new generation; every other page must match exactly.
+        let torn: Vec<String> = pages
+            .iter()
+            .filter_map(|(i, gen, page)| {
+                (0..512u64).find_map(|w| {
+                    let got = u64::from_le_bytes(page[w as usize * 8..][..8].try_into().unwrap());
+                    let want = match (content, w % 4) {
+                        ("compressible", 1..) => u64::from(*gen),
+                        _ => page_word(*i, u64::from(*gen), w),
+                    };
+                    (got != want).then(|| format!("page {i} word {w} gen {gen}: {got:#x}"))
+                })
+            })
+            .collect();
+        assert!(
+            torn.len() <= 1,
+            "{content}: pages that don't match: {torn:?}"
+        );
         let ratio = zstd_ratio(&pages);
         assert!(
             (lo..=hi).contains(&ratio),
